@@ -1,0 +1,1 @@
+"""GRPO fine-tuning of language models on GSM8K."""

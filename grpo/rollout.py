@@ -1,0 +1,206 @@
+"""Batched generation of completions: prompts, sampling settings, stopping and completion masks.
+
+Owns how text is generated everywhere in the project (evaluation and GRPO rollouts), so the
+choices the tutorial got wrong are made once: KV cache on and the model in eval mode while
+generating, left padding, stopping on every EOS id of the generation config, sampling from the
+raw policy (top_p 1, top_k 0, no repetition penalty: the model's own sampling defaults never leak
+in), and completion masks built from the generated tokens (1 up to and including the first EOS),
+never from `pad_token_id`, which equals EOS for SmolLM2 and Qwen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from grpo.data import build_messages
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str) -> str:
+    """The prompt text for one question: system + user turn through the chat template."""
+    return tokenizer.apply_chat_template(
+        build_messages(question, system), tokenize=False, add_generation_prompt=True
+    )
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after it.
+
+    >>> completion_mask(torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8]]), [2]).tolist()
+    [[1, 1, 0, 0], [1, 1, 1, 1]]
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids)))  # (N, T)
+    eos_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # (N, T) EOS strictly before t
+    return (eos_before == 0).long()  # (N, T)
+
+
+@dataclass
+class Generated:
+    """Completions for a batch of prompts, `num_return_sequences` consecutive rows per prompt."""
+
+    prompt_ids: torch.Tensor  # (N, P) left-padded prompt tokens
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, T) generated tokens, right-padded
+    completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
+    truncated: list[bool]  # hit the token cap without an EOS
+    texts: list[str]  # decoded completions, special tokens removed
+    num_tokens: list[int]  # completion length including EOS
+
+
+def sampling_config(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_strings: Sequence[str] = (),
+) -> GenerationConfig:
+    """An explicit generation config: greedy when temperature is 0, else raw-policy sampling."""
+    common = dict(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(eos_ids),
+        pad_token_id=pad_id,
+        use_cache=True,
+        repetition_penalty=1.0,
+        stop_strings=list(stop_strings) or None,
+    )
+    if temperature == 0:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common
+    )
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    config: GenerationConfig,
+    *,
+    num_return_sequences: int = 1,
+) -> Generated:
+    """Generate `num_return_sequences` completions for each prompt in one batched call."""
+    eos_ids = config.eos_token_id
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    device = next(model.parameters()).device
+    prompt_ids = enc["input_ids"].repeat_interleave(num_return_sequences, 0).to(device)  # (N, P)
+    prompt_mask = enc["attention_mask"].repeat_interleave(num_return_sequences, 0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=config,
+            tokenizer=tokenizer if config.stop_strings else None,
+        )  # (N, P + T)
+    finally:
+        model.train(was_training)
+    completion_ids = out[:, prompt_ids.shape[1] :]  # (N, T)
+    mask = completion_mask(completion_ids.cpu(), eos_ids).to(device)  # (N, T)
+    lengths = mask.sum(dim=1).tolist()  # (N,)
+    has_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device)).any(dim=1)
+    texts = tokenizer.batch_decode(
+        [row[:n] for row, n in zip(completion_ids.tolist(), lengths, strict=True)],
+        skip_special_tokens=True,
+    )
+    return Generated(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=torch.where(mask.bool(), completion_ids, config.pad_token_id),  # (N, T)
+        completion_mask=mask,
+        truncated=[not bool(e) for e in has_eos.tolist()],
+        texts=texts,
+        num_tokens=[int(n) for n in lengths],
+    )
+
+
+def sequence_inputs(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of prompt + completion, positions as in generate.
+
+    Left padding shifts nothing: positions count only real tokens, like `generate` does.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T)
+    attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)  # (N, P + T)
+    positions = (attention.long().cumsum(dim=1) - 1).clamp(min=0)  # (N, P + T)
+    return input_ids, attention, positions
+
+
+def completion_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,  # (N, P) left-padded
+    prompt_mask: torch.Tensor,  # (N, P)
+    completion_ids: torch.Tensor,  # (N, T)
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 4,
+) -> torch.Tensor:
+    """Log-prob of each completion token under `model` (sampling temperature applied): (N, T).
+
+    Rows are processed `chunk_size` at a time and only the T completion positions get logits, so
+    the full (N, P + T, V) logits tensor is never built. Gradients flow when grad is enabled.
+    """
+    input_ids, attention, positions = sequence_inputs(prompt_ids, prompt_mask, completion_ids)
+    num_completion = completion_ids.shape[1]
+    scale = temperature if temperature > 0 else 1.0
+    rows = []
+    for begin in range(0, input_ids.shape[0], chunk_size):
+        end = begin + chunk_size
+        logits = model(
+            input_ids=input_ids[begin:end],
+            attention_mask=attention[begin:end],
+            position_ids=positions[begin:end],
+            logits_to_keep=num_completion + 1,
+            use_cache=False,
+        ).logits[:, :-1]  # (c, T, V) position t predicts completion token t
+        logits = logits.float() / scale
+        targets = completion_ids[begin:end].unsqueeze(-1)  # (c, T, 1)
+        token_logit = logits.gather(-1, targets).squeeze(-1)  # (c, T)
+        rows.append(token_logit - torch.logsumexp(logits, dim=-1))  # (c, T)
+    return torch.cat(rows, dim=0)  # (N, T)
+
+
+ANSWER_CLOSE = "</answer>"
+
+
+def truncate_at_answer(gen: Generated, tokenizer: PreTrainedTokenizerBase) -> Generated:
+    """End each completion at the first token whose text closes `</answer>` (no EOS added).
+
+    Done on the sampled tokens after generation, so the mask never covers a token the policy
+    did not sample (generate's stop strings would pad with pad == EOS right after the stop).
+    """
+    mask = gen.completion_mask.clone()  # (N, T)
+    texts, num_tokens, truncated = list(gen.texts), list(gen.num_tokens), list(gen.truncated)
+    for row, text in enumerate(gen.texts):
+        if ANSWER_CLOSE not in text:
+            continue
+        ids = gen.completion_ids[row, : gen.num_tokens[row]].tolist()
+        lo, hi = 1, len(ids)  # smallest prefix whose decoded text contains the closing tag
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ANSWER_CLOSE in tokenizer.decode(ids[:mid], skip_special_tokens=True):
+                hi = mid
+            else:
+                lo = mid + 1
+        mask[row, lo:] = 0
+        texts[row] = tokenizer.decode(ids[:lo], skip_special_tokens=True)
+        num_tokens[row] = lo
+        truncated[row] = False
+    return Generated(
+        prompt_ids=gen.prompt_ids,
+        prompt_mask=gen.prompt_mask,
+        completion_ids=torch.where(mask.bool(), gen.completion_ids, tokenizer.pad_token_id),
+        completion_mask=mask,
+        truncated=truncated,
+        texts=texts,
+        num_tokens=num_tokens,
+    )

@@ -1,0 +1,56 @@
+"""Stage `evaluate`: batched greedy evaluation of a model folder on the prepared eval records.
+
+    python -m stages.evaluate --model models/base --data data/prepared/eval.jsonl \
+        --metrics metrics/base.json --predictions metrics/base_predictions.jsonl
+
+Writes the metrics JSON (accuracies and format rate with Wilson 95% intervals, completion length,
+truncation rate, tokens/s) and one prediction per question for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from grpo import config, model
+from grpo.data import read_jsonl, write_json_atomic, write_jsonl_atomic
+from grpo.evaluate import evaluate
+from stages import _cli
+
+log = logging.getLogger(__name__)
+
+
+def main(args) -> None:
+    params = config.load(args.params)
+    records = read_jsonl(args.data)
+    source = model.ModelSource("dir", args.model)
+    tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
+    lm = model.load_model(
+        source,
+        dtype=params.model.dtype,
+        attn_implementation=params.model.attn_implementation,
+        trust_remote_code=params.model.trust_remote_code,
+    )
+    metrics, predictions = evaluate(
+        lm,
+        tokenizer,
+        records,
+        system=params.prompt.system,
+        batch_size=params.eval.batch_size,
+        max_new_tokens=params.eval.max_new_tokens,
+        temperature=params.eval.temperature,
+        seed=params.eval.seed,
+        eos_ids=model.eos_token_ids(lm, tokenizer),
+    )
+    write_jsonl_atomic(args.predictions, predictions)
+    write_json_atomic(args.metrics, metrics)
+    log.info("%s: %s", args.metrics, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+
+
+if __name__ == "__main__":
+    p = _cli.parser(__doc__)
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--data", required=True, help="eval records (jsonl)")
+    p.add_argument("--metrics", required=True, help="metrics JSON to write")
+    p.add_argument("--predictions", required=True, help="predictions JSONL to write")
+    _cli.run("evaluate", main, p.parse_args())

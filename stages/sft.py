@@ -1,0 +1,56 @@
+"""Stage `sft`: supervised format warm-up of `models/base` into `models/sft`.
+
+    python -m stages.sft --model models/base --data data/prepared/train.jsonl --out models/sft
+
+With `sft.enabled: false` the base model is copied unchanged, so `train` always starts from
+`models/sft` (the tutorial's configuration turns the warm-up off).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+from grpo import config, model
+from grpo.data import read_jsonl
+from grpo.fsutil import atomic_dir
+from grpo.sft import train_sft
+from stages import _cli
+
+log = logging.getLogger(__name__)
+
+
+def main(args) -> None:
+    params = config.load(args.params)
+    source = model.ModelSource("dir", args.model)
+    if not params.sft.enabled:
+        model.check_model_dir(args.model)
+        with atomic_dir(args.out) as tmp:
+            shutil.copytree(args.model, tmp, dirs_exist_ok=True)
+            (tmp / "sft.json").write_text(json.dumps({"enabled": False}) + "\n")
+        log.info("sft disabled: %s copied to %s", args.model, args.out)
+        return
+    records = read_jsonl(args.data)
+    tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
+    lm = model.load_model(
+        source,
+        dtype="float32",
+        attn_implementation=params.model.attn_implementation,
+        trust_remote_code=params.model.trust_remote_code,
+    )
+    eos_id = model.eos_token_ids(lm, tokenizer)[0]
+    losses = train_sft(
+        lm, tokenizer, records, params.sft, system=params.prompt.system, eos_id=eos_id
+    )
+    model.save_model_atomic(
+        lm, tokenizer, args.out, extra={"enabled": True, "losses": losses, "from": args.model}
+    )
+
+
+if __name__ == "__main__":
+    p = _cli.parser(__doc__)
+    p.add_argument("--model", required=True, help="starting model folder")
+    p.add_argument("--data", required=True, help="prepared train records (jsonl)")
+    p.add_argument("--out", required=True, help="output model folder")
+    _cli.run("sft", main, p.parse_args())

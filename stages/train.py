@@ -1,0 +1,80 @@
+"""Stage `train`: GRPO fine-tuning of `models/sft` on the prepared train records.
+
+    python -m stages.train --model models/sft --data data/prepared/train.jsonl \
+        --out models/grpo --log-dir dvclive
+
+Writes the final model as a plain HF folder (safetensors + tokenizer + generation config) in
+`--out`, checkpoints under `--out/checkpoints/`, step metrics to DVCLive in `--log-dir` (and to
+W&B when `train.wandb` is not `disabled`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from grpo import config, model
+from grpo.data import read_jsonl
+from grpo.rewards import RewardFunctions
+from grpo.trainer import CHECKPOINTS, GRPOTrainer
+from stages import _cli
+
+log = logging.getLogger(__name__)
+
+
+def save_final(lm, tokenizer, out: Path, summary: dict) -> None:
+    """Replace the model files in `out` atomically, keeping `out/checkpoints`."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".final.", dir=out))
+    try:
+        model.save_model_atomic(lm, tokenizer, staging / "model", extra=summary)
+        for item in out.iterdir():
+            if item.name not in (CHECKPOINTS, staging.name):
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        for item in (staging / "model").iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(args) -> None:
+    params = config.load(args.params)
+    cfg = params.train
+    records = read_jsonl(args.data)
+    source = model.ModelSource("dir", args.model)
+    tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
+    lm = model.load_model(
+        source,
+        dtype="float32",  # fp32 master weights; bf16 autocast on a capable GPU
+        attn_implementation=params.model.attn_implementation,
+        trust_remote_code=params.model.trust_remote_code,
+    )
+    out = Path(args.out)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # resume is not supported yet
+    run_config = {"train": cfg.to_dict(), "reward": params.reward.to_dict()}
+    trainer = GRPOTrainer(
+        lm,
+        tokenizer,
+        records,
+        cfg,
+        RewardFunctions(params.reward),
+        system=params.prompt.system,
+        eos_ids=model.eos_token_ids(lm, tokenizer),
+        out_dir=out,
+    )
+    summary = trainer.train(Path(args.log_dir), run_config)
+    save_final(lm, tokenizer, out, {"from": args.model, **summary})
+    log.info("%s: %s", out, json.dumps(summary))
+
+
+if __name__ == "__main__":
+    p = _cli.parser(__doc__)
+    p.add_argument("--model", required=True, help="starting model folder")
+    p.add_argument("--data", required=True, help="prepared train records (jsonl)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--log-dir", required=True, help="DVCLive folder")
+    _cli.run("train", main, p.parse_args())

@@ -1,0 +1,77 @@
+"""params.yaml schema: strictness, coercion, range checks, read tracking."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from grpo import config
+from grpo.config import ConfigError, Params
+
+
+@pytest.fixture
+def raw():
+    return config.default_params_dict()
+
+
+def test_committed_params_are_valid(raw):
+    Params.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda r: r["eval"].update(batch_sise=4),
+            "unknown key 'eval.batch_sise'; did you mean 'eval.batch_size'",
+        ),
+        (lambda r: r["eval"].pop("batch_size"), "missing key 'eval.batch_size'"),
+        (lambda r: r.update(evall={}), "unknown section 'evall'; did you mean 'eval'"),
+        (lambda r: r.pop("model"), "model: missing section"),
+        (lambda r: r["eval"].update(temperature="fast"), "eval.temperature: expected a number"),
+        (lambda r: r["eval"].update(batch_size=2.5), "eval.batch_size: expected an integer"),
+        (lambda r: r["eval"].update(batch_size=True), "eval.batch_size: expected an integer"),
+        (lambda r: r["model"].update(trust_remote_code="yes"), "expected true or false"),
+        (lambda r: r["model"].update(dtype="fp8"), "model.dtype: must be one of"),
+        (lambda r: r["eval"].update(max_new_tokens=0), "eval.max_new_tokens: must be >= 1"),
+        (lambda r: r["data"].update(eval_size=-1), "data.eval_size: must be > 0 or null"),
+        (lambda r: r["data"].update(mirrors="x"), "data.mirrors: expected a list"),
+        (lambda r: r["reward"].update(format_mode="loose"), "reward.format_mode: must be one of"),
+    ],
+)
+def test_bad_params_give_one_line_errors(raw, edit, message):
+    bad = copy.deepcopy(raw)
+    edit(bad)
+    with pytest.raises(ConfigError) as err:
+        Params.from_dict(bad)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_float_strings_from_dvc_exp_run_are_coerced(raw):
+    raw["eval"]["temperature"] = "7e-01"  # what `dvc exp run -S` writes for small floats
+    assert Params.from_dict(raw).eval.temperature == pytest.approx(0.7)
+
+
+def test_load_reports_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read params file"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("eval: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+
+
+def test_reads_are_tracked_but_validation_and_to_dict_are_not(raw, tmp_path, monkeypatch):
+    config._READ.clear()
+    params = Params.from_dict(raw)
+    assert config.read_keys() == []
+    params.eval.to_dict()
+    assert config.read_keys() == []
+    _ = params.eval.max_new_tokens
+    assert config.read_keys() == ["eval.max_new_tokens"]
+    monkeypatch.setenv(config.TRACE_ENV, str(tmp_path))
+    config.write_trace("evaluate")
+    assert yaml.safe_load((tmp_path / "evaluate.json").read_text()) == ["eval.max_new_tokens"]
