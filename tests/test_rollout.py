@@ -1,0 +1,112 @@
+"""Generation, masks and log-probs on a tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from grpo.rollout import (
+    chat_prompt,
+    completion_logprobs,
+    completion_mask,
+    generate,
+    sampling_config,
+    truncate_at_answer,
+)
+
+SYSTEM = "Respond in the following format"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.build_model(tokenizer).eval()
+    return model, tokenizer
+
+
+def _prompts(tokenizer, n=3):
+    questions = [q for q, _ in tiny.GSM8K_ROWS["train"][:n]]
+    return [chat_prompt(tokenizer, q, SYSTEM) for q in questions]
+
+
+def test_completion_mask_includes_first_eos_and_nothing_after():
+    ids = torch.tensor([[7, 2, 9, 2], [2, 5, 5, 5], [4, 4, 4, 4]])
+    assert completion_mask(ids, [2]).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert completion_mask(ids, [9, 4]).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_model_sampling_defaults_do_not_leak(lm):
+    model, tokenizer = lm
+    model.generation_config.top_k = 3
+    model.generation_config.top_p = 0.5
+    model.generation_config.repetition_penalty = 1.5
+    cfg = sampling_config(max_new_tokens=4, temperature=1.0, eos_ids=[2], pad_id=2)
+    enc = tokenizer(_prompts(tokenizer, 1), return_tensors="pt")
+    out = model.generate(
+        **enc, generation_config=cfg, output_scores=True, output_logits=True,
+        return_dict_in_generate=True,
+    )
+    for scores, logits in zip(out.scores, out.logits, strict=True):
+        torch.testing.assert_close(scores, logits)  # no top-k/top-p/penalty processing
+
+
+def test_logprobs_match_generation_logits_with_left_padding(lm):
+    model, tokenizer = lm
+    prompts = _prompts(tokenizer, 3)
+    cfg = sampling_config(max_new_tokens=6, temperature=0.0, eos_ids=[2], pad_id=2)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert enc["attention_mask"].min() == 0, "prompts must differ in length for this test"
+    out = model.generate(
+        **enc, generation_config=cfg, output_logits=True, return_dict_in_generate=True
+    )
+    completion = out.sequences[:, enc["input_ids"].shape[1] :]  # (N, T)
+    expected = torch.stack(
+        [
+            torch.log_softmax(step.float(), -1).gather(-1, completion[:, t : t + 1]).squeeze(-1)
+            for t, step in enumerate(out.logits)
+        ],
+        dim=1,
+    )  # (N, T)
+    for chunk in (1, 2, 8):
+        got = completion_logprobs(
+            model, enc["input_ids"], enc["attention_mask"], completion, chunk_size=chunk
+        )
+        mask = completion_mask(completion, [2]).bool()
+        torch.testing.assert_close(got[mask], expected[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_groups_and_masks(lm):
+    model, tokenizer = lm
+    torch.manual_seed(0)
+    cfg = sampling_config(max_new_tokens=5, temperature=1.0, eos_ids=[2], pad_id=2)
+    gen = generate(model, tokenizer, _prompts(tokenizer, 2), cfg, num_return_sequences=3)
+    assert gen.completion_ids.shape[0] == 6
+    assert torch.equal(gen.prompt_ids[0], gen.prompt_ids[2])  # a prompt's G rows are consecutive
+    assert gen.completion_mask.sum(1).tolist() == gen.num_tokens
+    for row, n in enumerate(gen.num_tokens):
+        assert gen.truncated[row] == (2 not in gen.completion_ids[row, :n].tolist())
+    assert not model.training
+
+
+def test_truncate_at_answer_cuts_after_closing_tag():
+    tokenizer = tiny.build_tokenizer()
+    text = "<reasoning>\n7\n</reasoning>\n<answer>\n7\n</answer> and then more"
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])  # (1, T)
+    from grpo.rollout import Generated
+
+    gen = Generated(
+        prompt_ids=torch.zeros((1, 1), dtype=torch.long),
+        prompt_mask=torch.ones((1, 1), dtype=torch.long),
+        completion_ids=ids,
+        completion_mask=torch.ones_like(ids),
+        truncated=[True],
+        texts=[text],
+        num_tokens=[ids.shape[1]],
+    )
+    cut = truncate_at_answer(gen, tokenizer)
+    assert cut.texts[0].endswith("</answer>")
+    assert cut.num_tokens[0] < ids.shape[1]
+    assert cut.completion_mask.sum().item() == cut.num_tokens[0]
+    assert cut.truncated == [False]
