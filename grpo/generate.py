@@ -1,0 +1,56 @@
+"""Try a model on your own question, with the same prompt format as training and evaluation.
+
+    python -m grpo.generate --model models/grpo "A pen costs $2. How much do 5 pens cost?"
+
+Greedy by default (`--temperature` to sample); prints the completion and the extracted answers.
+The system prompt comes from params.yaml (`prompt.system`) unless `--system` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from grpo import config, model
+from grpo.errors import UserError
+from grpo.rewards import extract_last_number, extract_tagged_answer
+from grpo.rollout import chat_prompt, generate, sampling_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("question", nargs="+", help="one or more questions")
+    p.add_argument("--model", default="models/grpo", help="model folder (default: models/grpo)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--system", default=None, help="system prompt (default: prompt.system)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        system = args.system if args.system is not None else config.load(args.params).prompt.system
+        source = model.ModelSource("dir", args.model)
+        tokenizer = model.load_tokenizer(source, False)
+        lm = model.load_model(source)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    cfg = sampling_config(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        eos_ids=model.eos_token_ids(lm, tokenizer),
+        pad_id=tokenizer.pad_token_id,
+    )
+    prompts = [chat_prompt(tokenizer, q, system) for q in args.question]
+    gen = generate(lm, tokenizer, prompts, cfg)
+    for question, text in zip(args.question, gen.texts, strict=True):
+        print(f"Q: {question}\n{text}")
+        print(f"-> answer: {extract_tagged_answer(text)}  (last number: {extract_last_number(text)})\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
