@@ -21,14 +21,24 @@ from grpo import model
 from grpo.data import read_jsonl
 from grpo.evaluate import evaluate
 
-SYSTEM = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+SYSTEM = (
+    "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+)
 
 
 def run(lm, tokenizer, records, batch_size: int, max_new_tokens: int, eos_ids):
     start = time.perf_counter()
     metrics, predictions = evaluate(
-        lm, tokenizer, records, system=SYSTEM, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, temperature=0.0, seed=0, eos_ids=eos_ids, progress=False,
+        lm,
+        tokenizer,
+        records,
+        system=SYSTEM,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        seed=0,
+        eos_ids=eos_ids,
+        progress=False,
     )
     seconds = time.perf_counter() - start
     tokens = sum(p["completion_tokens"] for p in predictions)
@@ -59,7 +69,9 @@ def main() -> None:
             tps, texts[name] = run(lm, tokenizer, records, bs, args.max_new_tokens, eos_ids)
             speeds[name].append(tps)
     for name, values in speeds.items():
-        print(f"{name:>16}: {min(values):7.1f} min / {statistics.median(values):7.1f} median tokens/s")
+        print(
+            f"{name:>16}: {min(values):7.1f} min / {statistics.median(values):7.1f} median tokens/s"
+        )
     base, batched = speeds.values()
     ratio = statistics.median(batched) / statistics.median(base)
     same = sum(a == b for a, b in zip(*texts.values(), strict=True))

@@ -75,3 +75,17 @@ def test_reads_are_tracked_but_validation_and_to_dict_are_not(raw, tmp_path, mon
     monkeypatch.setenv(config.TRACE_ENV, str(tmp_path))
     config.write_trace("evaluate")
     assert yaml.safe_load((tmp_path / "evaluate.json").read_text()) == ["eval.max_new_tokens"]
+
+
+def _dvc_stage_params() -> dict[str, list[str]]:
+    from pathlib import Path
+
+    stages = yaml.safe_load((Path(__file__).parent.parent / "dvc.yaml").read_text())["stages"]
+    return {name: (s.get("do") or s).get("params", []) for name, s in stages.items()}
+
+
+def test_dvc_yaml_params_exist_in_the_schema_and_cover_it(raw):
+    known = {f"{section}.{key}" for section, keys in raw.items() for key in keys}
+    listed = {key for keys in _dvc_stage_params().values() for key in keys}
+    assert listed - known == set(), "dvc.yaml lists keys params.yaml does not have"
+    assert known - listed == set(), "params.yaml has keys no stage declares (dead hyperparameters)"

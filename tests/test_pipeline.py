@@ -68,6 +68,14 @@ def workspace(tmp_path_factory) -> Path:
         data={"hub_id": "", "mirrors": ["fixtures/gsm8k"], "train_size": 8, "eval_size": 4},
         model={"name": "fixtures/tiny-model"},
         eval={"batch_size": 2, "max_new_tokens": 8},
+        sft={"num_examples": 4, "batch_size": 2},
+        train={
+            "num_steps": 2,
+            "batch_size": 2,
+            "num_generations": 2,
+            "max_completion_length": 8,
+            "save_every": 1,
+        },
     )
     run(work, "git", "init", "-q")
     run(work, "git", "add", "-A")
@@ -96,6 +104,22 @@ def test_repro_writes_every_output(workspace):
         assert 0 <= metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"] <= 1
     predictions = (workspace / "metrics/predictions/base.jsonl").read_text().splitlines()
     assert len(predictions) == 4
+    for name in ("sft", "grpo"):
+        other = json.loads((workspace / f"metrics/{name}.json").read_text())
+        assert set(other) == set(metrics)
+    assert (workspace / "models/grpo/model.safetensors").is_file()
+    assert (workspace / "models/grpo/checkpoints/step-000001/COMPLETE").is_file()
+    assert (workspace / "dvclive/plots/metrics/reward/mean.tsv").is_file()
+    report = (workspace / "metrics/report.md").read_text()
+    assert "grpo" in report and (workspace / "metrics/report.png").stat().st_size > 0
+
+
+def test_sft_and_train_questions_never_overlap_eval(workspace):
+    def questions(name):
+        lines = (workspace / f"data/prepared/{name}.jsonl").read_text().splitlines()
+        return {json.loads(line)["question"] for line in lines}
+
+    assert questions("train").isdisjoint(questions("eval"))
 
 
 def test_second_repro_is_a_noop(workspace):
@@ -116,11 +140,33 @@ def test_metrics_show_lists_base(workspace):
     assert "metrics/base.json" in out and "strict_accuracy" in out
 
 
-def test_eval_param_change_invalidates_only_evaluate(workspace):
+@pytest.mark.parametrize(
+    ("edit", "stale"),
+    [
+        ({"eval": {"max_new_tokens": 6}}, {"evaluate@base", "evaluate@sft", "evaluate@grpo"}),
+        ({"train": {"learning_rate": 2e-5}}, {"train"}),
+        ({"sft": {"learning_rate": 1e-4}}, {"sft"}),
+        ({"data": {"seed": 1}}, {"prepare"}),
+    ],
+)
+def test_param_change_invalidates_only_the_stages_that_read_it(workspace, edit, stale):
+    """dvc status names the first stale stages; their downstream reruns on repro."""
     original = (workspace / "params.yaml").read_text()
     try:
-        edit_params(workspace, eval={"max_new_tokens": 6})
+        edit_params(workspace, **edit)
         status = json.loads(run(workspace, "dvc", "status", "--json"))
-        assert set(status) == {"evaluate@base"}
+        assert set(status) == stale
     finally:
         (workspace / "params.yaml").write_text(original)
+
+
+def test_train_param_change_reruns_train_and_downstream_only(workspace):
+    original = (workspace / "params.yaml").read_text()
+    try:
+        edit_params(workspace, train={"learning_rate": 3e-5})
+        out = run(workspace, "dvc", "repro")
+        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+        assert ran == {"train", "evaluate@grpo", "report"}
+    finally:
+        (workspace / "params.yaml").write_text(original)
+        run(workspace, "dvc", "repro")

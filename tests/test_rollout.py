@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from grpo.rollout import (
     chat_prompt,
     completion_logprobs,
@@ -44,7 +44,10 @@ def test_model_sampling_defaults_do_not_leak(lm):
     cfg = sampling_config(max_new_tokens=4, temperature=1.0, eos_ids=[2], pad_id=2)
     enc = tokenizer(_prompts(tokenizer, 1), return_tensors="pt")
     out = model.generate(
-        **enc, generation_config=cfg, output_scores=True, output_logits=True,
+        **enc,
+        generation_config=cfg,
+        output_scores=True,
+        output_logits=True,
         return_dict_in_generate=True,
     )
     for scores, logits in zip(out.scores, out.logits, strict=True):

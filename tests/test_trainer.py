@@ -7,9 +7,9 @@ import json
 import zlib
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from grpo import config
 from grpo.trainer import COMPLETE, GRPOTrainer, PromptSampler, lr_lambda
 
@@ -26,8 +26,13 @@ class LengthReward:
 def _cfg(**overrides) -> config.TrainConfig:
     raw = config.default_params_dict()["train"]
     raw.update(
-        num_steps=2, batch_size=2, num_generations=3, max_completion_length=6,
-        micro_batch_size=4, save_every=1, learning_rate=1e-3,
+        num_steps=2,
+        batch_size=2,
+        num_generations=3,
+        max_completion_length=6,
+        micro_batch_size=4,
+        save_every=1,
+        learning_rate=1e-3,
     )
     raw.update(overrides)
     return config._build(config.TrainConfig, raw)
@@ -44,8 +49,15 @@ def _trainer(tmp_path, cfg, seed=0):
     tokenizer = tiny.build_tokenizer()
     model = tiny.build_model(tokenizer, seed=seed)
     trainer = GRPOTrainer(
-        model, tokenizer, _records(), cfg, LengthReward(), system="Respond",
-        eos_ids=[2], out_dir=tmp_path / "out", progress=False,
+        model,
+        tokenizer,
+        _records(),
+        cfg,
+        LengthReward(),
+        system="Respond",
+        eos_ids=[2],
+        out_dir=tmp_path / "out",
+        progress=False,
     )
     return trainer, model
 
