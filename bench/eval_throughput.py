@@ -28,7 +28,7 @@ SYSTEM = (
 
 def run(lm, tokenizer, records, batch_size: int, max_new_tokens: int, eos_ids):
     start = time.perf_counter()
-    metrics, predictions = evaluate(
+    _, predictions = evaluate(
         lm,
         tokenizer,
         records,

@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = generate(lm, tokenizer, prompts, cfg)
     for question, text in zip(args.question, gen.texts, strict=True):
         print(f"Q: {question}\n{text}")
-        print(
-            f"-> answer: {extract_tagged_answer(text)}  (last number: {extract_last_number(text)})\n"
-        )
+        tagged, last = extract_tagged_answer(text), extract_last_number(text)
+        print(f"-> answer: {tagged}  (last number: {last})\n")
     return 0
 
 

@@ -58,11 +58,11 @@ def _rows_sha256(rows: list[dict[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def _from_hub(cfg: DataConfig) -> RawGSM8K:
+def _from_hub(hub_id: str, hub_config: str) -> RawGSM8K:
     import datasets  # heavy import, only when the hub is used
 
-    name = f"{cfg.hub_id}[{cfg.hub_config}]"
-    loaded = datasets.load_dataset(cfg.hub_id, cfg.hub_config)
+    name = f"{hub_id}[{hub_config}]"
+    loaded = datasets.load_dataset(hub_id, hub_config)
     rows = {s: validate_rows(loaded[s], f"{name}/{s}") for s in SPLITS}
     return RawGSM8K(
         rows=rows,
@@ -85,12 +85,16 @@ def _from_mirror(folder: Path) -> RawGSM8K:
 def fetch(cfg: DataConfig) -> RawGSM8K:
     """The hub when reachable, else the first mirror folder that exists."""
     notes: list[str] = []
-    if cfg.hub_id:
+    hub_id, hub_config, mirrors = cfg.hub_id, cfg.hub_config, cfg.mirrors
+    if hub_id:
         ok, why = hub_reachable()
         if ok:
-            return _from_hub(cfg)
+            try:
+                return _from_hub(hub_id, hub_config)
+            except OSError as err:  # ConnectionError, missing dataset, HTTP errors
+                why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         notes.append(f"hub not used: {why}")
-    for mirror in cfg.mirrors:
+    for mirror in mirrors:
         folder = Path(mirror).expanduser()
         if folder.is_dir():
             raw = _from_mirror(folder)

@@ -163,7 +163,7 @@ def test_param_change_invalidates_only_the_stages_that_read_it(workspace, edit, 
 def test_train_param_change_reruns_train_and_downstream_only(workspace):
     original = (workspace / "params.yaml").read_text()
     try:
-        edit_params(workspace, train={"learning_rate": 3e-5})
+        edit_params(workspace, train={"learning_rate": 5e-5})
         out = run(workspace, "dvc", "repro")
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
         assert ran == {"train", "evaluate@grpo", "report"}
