@@ -228,6 +228,12 @@ class TrainConfig(_Section):
     """Weights & Biases logging; offline needs no API key."""
     wandb_project: str
     """W&B project name."""
+    nproc_per_node: int | Literal["auto"]
+    """Training processes on this node (torchrun is launched when > 1); auto = visible GPUs,
+    1 on CPU. The global batch (batch_size prompts) is split over all processes."""
+    strategy: Literal["ddp", "fsdp"]
+    """Data parallelism with several processes: ddp (replicated weights, all-reduced
+    gradients) or fsdp (FSDP2 fully_shard: weights, gradients and optimizer states sharded)."""
 
     def validate(self) -> None:
         for key in ("num_iterations", "num_steps", "batch_size", "mu", "micro_batch_size"):
@@ -251,6 +257,14 @@ class TrainConfig(_Section):
         _check(self.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.save_every >= 0, "train.save_every", "must be >= 0")
+        nproc = self.nproc_per_node
+        _check(nproc == "auto" or nproc >= 1, "train.nproc_per_node", "must be >= 1 or auto")
+        if isinstance(nproc, int):
+            _check(
+                self.batch_size % nproc == 0,
+                "train.batch_size",
+                f"{self.batch_size} prompts do not split evenly over nproc_per_node={nproc}",
+            )
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -392,6 +406,10 @@ def read_keys() -> list[str]:
 def write_trace(stage: str) -> None:
     """If $GRPO_PARAMS_TRACE names a folder, record the keys this stage read as `<stage>.json`."""
     folder = os.environ.get(TRACE_ENV)
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"{stage}.json").write_text(json.dumps(read_keys()))
+    if folder and os.environ.get("RANK", "0") == "0":
+        path = Path(folder) / f"{stage}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = set(read_keys())
+        if path.exists():  # a launcher and its torchrun workers record the same stage
+            keys |= set(json.loads(path.read_text()))
+        path.write_text(json.dumps(sorted(keys)))

@@ -13,12 +13,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo.rewards import grade
-from grpo.rollout import chat_prompt, generate, sampling_config
+from grpo.rollout import Sampling, chat_prompt, generate, generation_config, row_seeds
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -66,20 +65,25 @@ def evaluate(
     prompts = [chat_prompt(tokenizer, r["question"], system) for r in records]
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
-    config = sampling_config(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        eos_ids=eos_ids,
-        pad_id=tokenizer.pad_token_id,
+    config = generation_config(
+        max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id
     )
-    torch.manual_seed(seed)
+    sampling = Sampling(temperature=temperature)
+    seeds = row_seeds(seed, 0, range(len(records)))  # per question: batching cannot change it
     predictions: list[dict[str, Any]] = [{} for _ in records]
     correct = 0
     start = time.perf_counter()
     bar = tqdm(total=len(order), desc="evaluate", unit="q", disable=not progress)
     for begin in range(0, len(order), batch_size):
         idx = order[begin : begin + batch_size]
-        gen = generate(model, tokenizer, [prompts[i] for i in idx], config)
+        gen = generate(
+            model,
+            tokenizer,
+            [prompts[i] for i in idx],
+            config,
+            sampling=sampling,
+            seeds=[seeds[i] for i in idx],
+        )
         for j, i in enumerate(idx):
             graded = grade(gen.texts[j], records[i]["gold"])
             correct += graded.strict_correct

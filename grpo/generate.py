@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from grpo import config, model
 from grpo.errors import UserError
 from grpo.rewards import extract_last_number, extract_tagged_answer
-from grpo.rollout import chat_prompt, generate, sampling_config
+from grpo.rollout import Sampling, chat_prompt, generate, generation_config, row_seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,15 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
-    cfg = sampling_config(
+    cfg = generation_config(
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
         eos_ids=model.eos_token_ids(lm, tokenizer),
         pad_id=tokenizer.pad_token_id,
     )
     prompts = [chat_prompt(tokenizer, q, system) for q in args.question]
-    gen = generate(lm, tokenizer, prompts, cfg)
+    gen = generate(
+        lm,
+        tokenizer,
+        prompts,
+        cfg,
+        sampling=Sampling(temperature=args.temperature),
+        seeds=row_seeds(args.seed, 0, range(len(prompts))),
+    )
     for question, text in zip(args.question, gen.texts, strict=True):
         print(f"Q: {question}\n{text}")
         tagged, last = extract_tagged_answer(text), extract_last_number(text)

@@ -239,10 +239,14 @@ def save_model_atomic(
     out_dir: str | Path,
     *,
     extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Save model (safetensors), tokenizer and generation config to a temp folder, then rename."""
+    """Save model (safetensors), tokenizer and generation config to a temp folder, then rename.
+
+    `state_dict` overrides the model's own (a full state dict gathered from sharded weights).
+    """
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             (tmp / SOURCE_FILE).write_text(json.dumps(extra, indent=2) + "\n")

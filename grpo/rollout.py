@@ -10,11 +10,18 @@ never from `pad_token_id`, which equals EOS for SmolLM2 and Qwen.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from grpo.data import build_messages
 
@@ -50,29 +57,87 @@ class Generated:
     num_tokens: list[int]  # completion length including EOS
 
 
-def sampling_config(
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy when temperature is 0, else sampled from
+    softmax(logits / temperature), optionally restricted to the top_k tokens / top_p mass."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+GREEDY = Sampling()
+
+
+def row_seeds(seed: int, stream: int, rows: Sequence[int]) -> list[int]:
+    """One 63-bit seed per generated row from (seed, stream, global row index).
+
+    Independent of batch composition and process count, so a row samples the same tokens
+    whether it is generated alone, in a batch, or on another rank.
+
+    >>> row_seeds(0, 1, [0, 1]) == row_seeds(0, 1, [0, 1]) != row_seeds(0, 2, [0, 1])
+    True
+    """
+    out = []
+    for row in rows:
+        digest = hashlib.blake2b(f"{seed}:{stream}:{row}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") >> 1)
+    return out
+
+
+class SeededSampler(LogitsProcessor):
+    """Sampling by the Gumbel-max trick with one random generator per row.
+
+    argmax(logits / T + Gumbel noise) is an exact sample of softmax(logits / T); drawing each
+    row's noise from its own seeded generator makes the sample independent of which other rows
+    share the batch. Runs inside `generate` with greedy decoding, so none of the model's own
+    sampling defaults (top_k 20, top_p 0.8, repetition penalty...) can apply.
+    """
+
+    def __init__(self, sampling: Sampling, seeds: Sequence[int]) -> None:
+        if sampling.temperature <= 0:
+            raise ValueError("SeededSampler needs temperature > 0")
+        self.sampling = sampling
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"{scores.shape[0]} rows but {len(self.generators)} row seeds")
+        s = self.sampling
+        logits = scores.float() / s.temperature  # (N, V)
+        if 0 < s.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]  # (N, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if s.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (N, V)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            outside = (torch.cumsum(probs, dim=-1) - probs) > s.top_p  # mass before token
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+        vocab = logits.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])
+        tiny = torch.finfo(torch.float32).tiny
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny)))  # (N, V)
+        return logits + gumbel.to(logits.device)
+
+
+def generation_config(
     *,
     max_new_tokens: int,
-    temperature: float,
     eos_ids: Sequence[int],
     pad_id: int,
-    top_p: float = 1.0,
-    top_k: int = 0,
     stop_strings: Sequence[str] = (),
 ) -> GenerationConfig:
-    """An explicit generation config: greedy when temperature is 0, else raw-policy sampling."""
-    common = dict(
+    """An explicit config: greedy decoding (sampling is done by `SeededSampler`), KV cache on,
+    no repetition penalty, stop on every EOS id."""
+    return GenerationConfig(
+        do_sample=False,
         max_new_tokens=max_new_tokens,
         eos_token_id=list(eos_ids),
         pad_token_id=pad_id,
         use_cache=True,
         repetition_penalty=1.0,
         stop_strings=list(stop_strings) or None,
-    )
-    if temperature == 0:
-        return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common
     )
 
 
@@ -83,15 +148,27 @@ def generate(
     prompts: Sequence[str],
     config: GenerationConfig,
     *,
+    sampling: Sampling = GREEDY,
+    seeds: Sequence[int] | None = None,
     num_return_sequences: int = 1,
+    synced_gpus: bool = False,
 ) -> Generated:
-    """Generate `num_return_sequences` completions for each prompt in one batched call."""
+    """Generate `num_return_sequences` completions for each prompt in one batched call.
+
+    With `sampling.temperature > 0`, `seeds` gives one seed per generated row (see `row_seeds`).
+    `synced_gpus` keeps every rank stepping until all are done (needed with sharded FSDP).
+    """
     eos_ids = config.eos_token_id
     tokenizer.padding_side = "left"
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     prompt_ids = enc["input_ids"].repeat_interleave(num_return_sequences, 0).to(device)  # (N, P)
     prompt_mask = enc["attention_mask"].repeat_interleave(num_return_sequences, 0).to(device)
+    processors = LogitsProcessorList()
+    if sampling.temperature > 0:
+        if seeds is None or len(seeds) != prompt_ids.shape[0]:
+            raise ValueError("sampling needs one seed per generated row")
+        processors.append(SeededSampler(sampling, seeds))
     was_training = model.training
     model.eval()
     try:
@@ -99,7 +176,9 @@ def generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             generation_config=config,
+            logits_processor=processors,
             tokenizer=tokenizer if config.stop_strings else None,
+            synced_gpus=synced_gpus,
         )  # (N, P + T)
     finally:
         model.train(was_training)

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo import distributed
 from grpo.config import TrainConfig
 from grpo.fsutil import atomic_dir
 from grpo.loss import group_advantages, grpo_loss, zero_std_fraction
@@ -36,10 +37,12 @@ from grpo.rewards import RewardFunctions
 from grpo.rollout import (
     ANSWER_CLOSE,
     Generated,
+    Sampling,
     chat_prompt,
     completion_logprobs,
     generate,
-    sampling_config,
+    generation_config,
+    row_seeds,
     truncate_at_answer,
 )
 
@@ -155,15 +158,16 @@ class Rollout:
 def save_checkpoint(
     folder: Path,
     model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer_state: Mapping[str, Any],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: Mapping[str, Any],
 ) -> Path:
     """Write `checkpoints/step-XXXXXX` atomically, with a COMPLETE marker; keep the newest few."""
     target = folder / CHECKPOINTS / f"step-{state['step']:06d}"
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        model.save_pretrained(tmp, state_dict=dict(model_state), safe_serialization=True)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -175,7 +179,12 @@ def save_checkpoint(
 
 
 class GRPOTrainer:
-    """Runs `cfg.num_iterations` x `cfg.num_steps` GRPO steps on `policy` in place."""
+    """Runs `cfg.num_iterations` x `cfg.num_steps` GRPO steps on `policy` in place.
+
+    With several processes (torchrun), every rank draws the same global batch of prompts from
+    the seeded sampler and takes its contiguous share of whole prompts; rows are sampled with
+    per-row seeds from their global index, so the run is the same at any process count.
+    """
 
     def __init__(
         self,
@@ -188,9 +197,16 @@ class GRPOTrainer:
         system: str,
         eos_ids: Sequence[int],
         out_dir: Path,
+        dist: distributed.Dist | None = None,
+        strategy: str = "ddp",
         progress: bool = True,
     ) -> None:
-        self.policy = policy
+        self.dist = dist or distributed.Dist(device=next(policy.parameters()).device)
+        if cfg.batch_size % self.dist.world:
+            raise ValueError(
+                f"train.batch_size={cfg.batch_size} prompts do not split over "
+                f"{self.dist.world} processes"
+            )
         self.tokenizer = tokenizer
         self.records = records
         self.cfg = cfg
@@ -198,21 +214,28 @@ class GRPOTrainer:
         self.system = system
         self.eos_ids = list(eos_ids)
         self.out_dir = Path(out_dir)
-        self.progress = progress
-        self.device = next(policy.parameters()).device
+        self.progress = progress and self.dist.is_main
+        self.device = self.dist.device
         self.sampler = PromptSampler(len(records), cfg.seed)
-        self.gen_config = sampling_config(
+        self.sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k)
+        self.gen_config = generation_config(
             max_new_tokens=cfg.max_completion_length,
-            temperature=cfg.temperature,
             eos_ids=self.eos_ids,
             pad_id=tokenizer.pad_token_id,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
             stop_strings=[ANSWER_CLOSE] if cfg.stop_at_answer else [],
         )
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             policy.config.use_cache = False
+        policy.to(self.device)
+        # the reference starts as a frozen copy of the unsharded policy (beta == 0: none at all)
+        self.ref = None
+        if cfg.beta > 0:
+            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.engine = distributed.wrap(policy, strategy, self.dist)  # trains (DDP / FSDP)
+        self.sharded = distributed.is_sharded(self.engine)
+        # generation and no-grad forwards: the plain model, or the sharded one under FSDP
+        self.policy = self.engine if self.sharded else distributed.unwrap(self.engine)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -227,11 +250,16 @@ class GRPOTrainer:
                 chunk_size=self.cfg.micro_batch_size,
             )  # (N, T)
 
-    def rollout(self, ref: PreTrainedModel | None) -> Rollout:
-        cfg = self.cfg
-        # 1. sample B prompts and generate G completions each (KV cache, eval mode)
-        batch = [self.records[i] for i in self.sampler.next(cfg.batch_size)]
+    def rollout(self, step: int) -> Rollout:
+        cfg, d = self.cfg, self.dist
+        G = cfg.num_generations
+        # 1. the same global batch of B prompts on every rank; this rank takes its share
+        global_idx = self.sampler.next(cfg.batch_size)
+        first = d.rank * (cfg.batch_size // d.world)
+        batch = [self.records[i] for i in distributed.shard(global_idx, d)]
         prompts = [chat_prompt(self.tokenizer, r["question"], self.system) for r in batch]
+        rows = range(first * G, (first + len(batch)) * G)  # global row ids of this rank
+        # 2. G completions per prompt (KV cache, eval mode, per-row seeds)
         start = time.perf_counter()
         with autocast_context(self.device):
             gen = generate(
@@ -239,87 +267,99 @@ class GRPOTrainer:
                 self.tokenizer,
                 prompts,
                 self.gen_config,
-                num_return_sequences=cfg.num_generations,
+                sampling=self.sampling,
+                seeds=row_seeds(cfg.seed, step, rows),
+                num_return_sequences=G,
+                synced_gpus=self.sharded,
             )
         if cfg.stop_at_answer:
             gen = truncate_at_answer(gen, self.tokenizer)
         generation_seconds = time.perf_counter() - start
-        # 2. score every completion against its prompt's gold answer
-        golds = [r["gold"] for r in batch for _ in range(cfg.num_generations)]
+        # 3. score every completion against its prompt's gold answer
+        golds = [r["gold"] for r in batch for _ in range(G)]
         scores = [self.reward_fns.score(t, g) for t, g in zip(gen.texts, golds, strict=True)]
         components = {name: [s[name] for s in scores] for name in self.reward_fns.names}
         rewards = torch.tensor([sum(s.values()) for s in scores], dtype=torch.float32)  # (N,)
-        # 3. group-relative advantages (groups = consecutive G rows, never split)
-        advantages = group_advantages(
-            rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards
-        ).to(self.device)  # (N,)
-        # 4. old-policy log-probs only when mu > 1; reference log-probs only when beta > 0
-        with torch.inference_mode():
+        # 4. group-relative advantages (groups = consecutive G rows, never split over ranks)
+        advantages = group_advantages(rewards, G, scale_rewards=cfg.scale_rewards).to(
+            self.device
+        )  # (N,)
+        # 5. old-policy log-probs only when mu > 1; reference log-probs only when beta > 0
+        with torch.no_grad():
             old_logp = self._logprobs(self.policy, gen) if cfg.mu > 1 else None
-            ref_logp = self._logprobs(ref, gen) if ref is not None else None
+            ref_logp = self._logprobs(self.ref, gen) if self.ref is not None else None
         return Rollout(gen, rewards, components, advantages, old_logp, ref_logp, generation_seconds)
 
     def update(self, ro: Rollout, optimizer, scheduler) -> dict[str, float]:
         """`mu` optimizer updates on one rollout batch, micro-batched."""
-        cfg = self.cfg
+        cfg, d = self.cfg, self.dist
         n = ro.gen.completion_ids.shape[0]
-        total_tokens = float(ro.gen.completion_mask.sum())
+        (total_tokens,) = distributed.all_reduce_sum([float(ro.gen.completion_mask.sum())], d)
         stats: dict[str, float] = {}
-        self.policy.train()
+        self.engine.train()
         for _ in range(cfg.mu):
             optimizer.zero_grad(set_to_none=True)
             loss_sum = kl_sum = clip_sum = 0.0
-            for begin in range(0, n, cfg.micro_batch_size):
+            starts = list(range(0, n, cfg.micro_batch_size))
+            for begin in starts:
                 rows = slice(begin, begin + cfg.micro_batch_size)
                 mask = ro.gen.completion_mask[rows]  # (m, T)
-                with autocast_context(self.device):
-                    logp = completion_logprobs(
-                        self.policy,
-                        ro.gen.prompt_ids[rows],
-                        ro.gen.prompt_mask[rows],
-                        ro.gen.completion_ids[rows],
-                        temperature=cfg.temperature,
-                        chunk_size=cfg.micro_batch_size,
-                    )  # (m, T)
-                out = grpo_loss(
-                    logp,
-                    None if ro.old_logp is None else ro.old_logp[rows],
-                    None if ro.ref_logp is None else ro.ref_logp[rows],
-                    ro.advantages[rows],
-                    mask,
-                    beta=cfg.beta,
-                    epsilon=cfg.epsilon,
-                    epsilon_high=cfg.epsilon_high,
-                    loss_type=cfg.loss_type,
-                    max_completion_length=cfg.max_completion_length,
-                )
-                # weight so the accumulated gradient equals the full-batch loss's gradient
-                share = out.num_tokens / max(total_tokens, 1.0)
-                weight = share if cfg.loss_type == "dapo" else mask.shape[0] / n
-                (out.loss * weight).backward()
-                loss_sum += out.loss.item() * weight
+                sync = begin == starts[-1]
+                with distributed.no_grad_sync(self.engine, sync):
+                    with autocast_context(self.device):
+                        logp = completion_logprobs(
+                            self.engine,
+                            ro.gen.prompt_ids[rows],
+                            ro.gen.prompt_mask[rows],
+                            ro.gen.completion_ids[rows],
+                            temperature=cfg.temperature,
+                            chunk_size=cfg.micro_batch_size,
+                        )  # (m, T)
+                    out = grpo_loss(
+                        logp,
+                        None if ro.old_logp is None else ro.old_logp[rows],
+                        None if ro.ref_logp is None else ro.ref_logp[rows],
+                        ro.advantages[rows],
+                        mask,
+                        beta=cfg.beta,
+                        epsilon=cfg.epsilon,
+                        epsilon_high=cfg.epsilon_high,
+                        loss_type=cfg.loss_type,
+                        max_completion_length=cfg.max_completion_length,
+                    )
+                    # weights make the accumulated, rank-averaged gradient that of the loss
+                    # over the global batch: sequence mean (grpo, dr_grpo) or token mean (dapo)
+                    if cfg.loss_type == "dapo":
+                        weight = out.num_tokens / max(total_tokens, 1.0) * d.world
+                    else:
+                        weight = mask.shape[0] / n
+                    (out.loss * weight).backward()
+                loss_sum += out.loss.item() * weight / d.world
                 kl_sum += out.kl * out.num_tokens
                 clip_sum += out.clip_ratio * out.num_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.engine.parameters(), cfg.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             scheduler.step()
+            loss, kl, clip = distributed.all_reduce_sum([loss_sum, kl_sum, clip_sum], d)
             stats = {
-                "loss": loss_sum,
-                "kl": kl_sum / max(total_tokens, 1.0),
-                "clip_ratio": clip_sum / max(total_tokens, 1.0),
+                "loss": loss,
+                "kl": kl / max(total_tokens, 1.0),
+                "clip_ratio": clip / max(total_tokens, 1.0),
                 "grad_norm": float(grad_norm),
             }
-        self.policy.eval()
+        self.engine.eval()
         return stats
 
     # -- the loop ------------------------------------------------------------------------------
 
     def train(self, log_dir: Path, run_config: Mapping[str, Any]) -> dict[str, float]:
-        """Run every iteration and step; return a summary of the run."""
-        cfg = self.cfg
+        """Run every iteration and step; return a summary of the run (same on every rank)."""
+        cfg, d = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        logger = MetricsLogger(log_dir, cfg, run_config)
+        logger = MetricsLogger(log_dir, cfg, run_config) if d.is_main else None
         total_steps = cfg.num_iterations * cfg.num_steps
         bar = tqdm(total=total_steps, desc="grpo", unit="step", disable=not self.progress)
         history: list[float] = []
@@ -327,11 +367,10 @@ class GRPOTrainer:
         try:
             for iteration in range(cfg.num_iterations):
                 # reference = frozen copy of the current policy; fresh optimizer and schedule
-                ref = None
-                if cfg.beta > 0:
-                    ref = copy.deepcopy(self.policy).eval().requires_grad_(False)
+                if self.ref is not None and iteration > 0:
+                    self.ref.load_state_dict(distributed.full_state_dict(self.engine))
                 optimizer = torch.optim.AdamW(
-                    self.policy.parameters(),
+                    self.engine.parameters(),
                     lr=cfg.learning_rate,
                     weight_decay=cfg.weight_decay,
                     **({"fused": True} if self.device.type == "cuda" else {}),
@@ -343,12 +382,13 @@ class GRPOTrainer:
                     step += 1
                     start = time.perf_counter()
                     lr = scheduler.get_last_lr()[0]
-                    ro = self.rollout(ref)
+                    ro = self.rollout(step)
                     stats = self.update(ro, optimizer, scheduler)
                     seconds = time.perf_counter() - start
                     metrics = self._step_metrics(ro, stats, lr, seconds)
                     metrics["iteration"] = iteration
-                    logger.log(step, metrics)
+                    if logger is not None:
+                        logger.log(step, metrics)
                     history.append(metrics["reward/mean"])
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", s=f"{seconds:.0f}")
@@ -357,11 +397,13 @@ class GRPOTrainer:
                             "step": step,
                             "iteration": iteration,
                             "sampler": self.sampler.state(),
+                            "world_size": d.world,
                         }
-                        save_checkpoint(self.out_dir, self.policy, optimizer, scheduler, state)
+                        self.save_checkpoint(optimizer, scheduler, state)
         finally:
             bar.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
         quarter = max(1, len(history) // 4)
         return {
             "steps": step,
@@ -369,24 +411,52 @@ class GRPOTrainer:
             "reward_last_quarter": sum(history[-quarter:]) / quarter,
         }
 
+    def save_checkpoint(self, optimizer, scheduler, state: Mapping[str, Any]) -> None:
+        """Gather full states on every rank (collective under FSDP); rank 0 writes."""
+        model_state = distributed.full_state_dict(self.engine)
+        optim_state = distributed.full_optimizer_state(self.engine, optimizer)
+        if self.dist.is_main:
+            save_checkpoint(
+                self.out_dir, self.plain_model(), model_state, optim_state, scheduler, state
+            )
+        distributed.barrier(self.dist)
+
+    def plain_model(self) -> PreTrainedModel:
+        """The HF model object (its parameters may be sharded: save with a full state dict)."""
+        return distributed.unwrap(self.engine)
+
+    def final_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights as a plain state dict (call on every rank)."""
+        return distributed.full_state_dict(self.engine)
+
     def _step_metrics(
         self, ro: Rollout, stats: Mapping[str, float], lr: float, seconds: float
     ) -> dict[str, float]:
-        gen_s = ro.generation_seconds
-        lengths = torch.tensor(ro.gen.num_tokens, dtype=torch.float32)
-        metrics = {
-            "reward/mean": ro.rewards.mean().item(),
-            "reward/std": ro.rewards.std().item(),
-        }
-        for name, values in ro.components.items():
-            t = torch.tensor(values)
+        """Step metrics over the global batch (per-row values gathered from every rank)."""
+        d = self.dist
+        per_row = torch.stack(
+            [
+                ro.rewards,
+                torch.tensor(ro.gen.num_tokens, dtype=torch.float32),
+                torch.tensor(ro.gen.truncated, dtype=torch.float32),
+                *(torch.tensor(v, dtype=torch.float32) for v in ro.components.values()),
+            ],
+            dim=1,
+        ).to(self.device)  # (N, 3 + components)
+        rows = distributed.all_gather_rows(per_row, d).cpu()  # (world * N, 3 + components)
+        rewards, lengths, truncated = rows[:, 0], rows[:, 1], rows[:, 2]
+        (gen_s,) = distributed.all_reduce_sum([ro.generation_seconds], d)
+        gen_s /= d.world  # mean over ranks (they generate in parallel)
+        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()}
+        for k, name in enumerate(ro.components):
+            t = rows[:, 3 + k]
             metrics[f"reward/{name}"] = t.mean().item()
             metrics[f"reward/{name}_std"] = t.std().item()
         metrics |= {
-            "frac_reward_zero_std": zero_std_fraction(ro.rewards, self.cfg.num_generations),
+            "frac_reward_zero_std": zero_std_fraction(rewards, self.cfg.num_generations),
             "completion/mean_length": lengths.mean().item(),
             "completion/max_length": lengths.max().item(),
-            "completion/truncated_rate": sum(ro.gen.truncated) / len(ro.gen.truncated),
+            "completion/truncated_rate": truncated.mean().item(),
             "learning_rate": lr,
             "time/step_seconds": seconds,
             "time/generation_seconds": gen_s,

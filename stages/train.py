@@ -6,6 +6,9 @@
 Writes the final model as a plain HF folder (safetensors + tokenizer + generation config) in
 `--out`, checkpoints under `--out/checkpoints/`, step metrics to DVCLive in `--log-dir` (and to
 W&B when `train.wandb` is not `disabled`).
+
+With `train.nproc_per_node` > 1 the stage relaunches itself under torchrun (one process per GPU,
+gloo on CPU); only rank 0 writes checkpoints, logs and the final model.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-from grpo import config, model
+from grpo import config, distributed, model
 from grpo.data import read_jsonl
+from grpo.errors import UserError
 from grpo.rewards import RewardFunctions
 from grpo.trainer import CHECKPOINTS, GRPOTrainer
 from stages import _cli
@@ -26,12 +32,14 @@ from stages import _cli
 log = logging.getLogger(__name__)
 
 
-def save_final(lm, tokenizer, out: Path, summary: dict) -> None:
+def save_final(lm, tokenizer, out: Path, summary: dict, state_dict: dict) -> None:
     """Replace the model files in `out` atomically, keeping `out/checkpoints`."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".final.", dir=out))
     try:
-        model.save_model_atomic(lm, tokenizer, staging / "model", extra=summary)
+        model.save_model_atomic(
+            lm, tokenizer, staging / "model", extra=summary, state_dict=state_dict
+        )
         for item in out.iterdir():
             if item.name not in (CHECKPOINTS, staging.name):
                 shutil.rmtree(item) if item.is_dir() else item.unlink()
@@ -41,9 +49,36 @@ def save_final(lm, tokenizer, out: Path, summary: dict) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def launch(nproc: int) -> None:
+    """Rerun this stage under torchrun in `nproc` processes and wait for it."""
+    cmd = distributed.torchrun_command(nproc, "stages.train", sys.argv[1:])
+    log.info("launching %d processes: %s", nproc, " ".join(cmd))
+    code = subprocess.run(cmd, check=False).returncode
+    if code:
+        raise UserError(f"train: torchrun exited with code {code}; see the rank output above")
+
+
 def main(args) -> None:
     params = config.load(args.params)
     cfg = params.train
+    nproc, strategy = distributed.resolve_nproc(cfg.nproc_per_node), cfg.strategy
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        launch(nproc)
+        return
+    d = distributed.init()
+    try:
+        train(params, args, d, strategy)
+    finally:
+        distributed.shutdown()
+
+
+def train(params, args, d: distributed.Dist, strategy: str) -> None:
+    cfg = params.train
+    if cfg.batch_size % d.world:
+        raise UserError(
+            f"params.yaml: train.batch_size: {cfg.batch_size} prompts do not split evenly over "
+            f"{d.world} processes; use a multiple of {d.world}"
+        )
     records = read_jsonl(args.data)
     source = model.ModelSource("dir", args.model)
     tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
@@ -54,8 +89,10 @@ def main(args) -> None:
         trust_remote_code=params.model.trust_remote_code,
     )
     out = Path(args.out)
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # resume is not supported yet
-    run_config = {"train": cfg.to_dict(), "reward": params.reward.to_dict()}
+    if d.is_main:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # resume is not supported yet
+    distributed.barrier(d)
+    run_config = {"train": cfg.to_dict(), "reward": params.reward.to_dict(), "world": d.world}
     trainer = GRPOTrainer(
         lm,
         tokenizer,
@@ -65,10 +102,15 @@ def main(args) -> None:
         system=params.prompt.system,
         eos_ids=model.eos_token_ids(lm, tokenizer),
         out_dir=out,
+        dist=d,
+        strategy=strategy,
     )
     summary = trainer.train(Path(args.log_dir), run_config)
-    save_final(lm, tokenizer, out, {"from": args.model, **summary})
-    log.info("%s: %s", out, json.dumps(summary))
+    state = trainer.final_state_dict()  # a collective under FSDP: every rank takes part
+    if d.is_main:
+        save_final(trainer.plain_model(), tokenizer, out, {"from": args.model, **summary}, state)
+        log.info("%s: %s", out, json.dumps(summary))
+    distributed.barrier(d)
 
 
 if __name__ == "__main__":

@@ -170,3 +170,16 @@ def test_train_param_change_reruns_train_and_downstream_only(workspace):
     finally:
         (workspace / "params.yaml").write_text(original)
         run(workspace, "dvc", "repro")
+
+
+def test_train_stage_launches_torchrun_and_logs_once(workspace):
+    original = (workspace / "params.yaml").read_text()
+    try:
+        edit_params(workspace, train={"nproc_per_node": 2})
+        out = run(workspace, "dvc", "repro", "train")
+        assert "launching 2 processes" in out
+        steps = (workspace / "dvclive/plots/metrics/reward/mean.tsv").read_text().splitlines()
+        assert len(steps) == 1 + 2  # header + one row per step, written by rank 0 only
+        assert (workspace / "models/grpo/model.safetensors").is_file()
+    finally:
+        (workspace / "params.yaml").write_text(original)

@@ -7,11 +7,14 @@ import tiny
 import torch
 
 from grpo.rollout import (
+    Sampling,
+    SeededSampler,
     chat_prompt,
     completion_logprobs,
     completion_mask,
     generate,
-    sampling_config,
+    generation_config,
+    row_seeds,
     truncate_at_answer,
 )
 
@@ -41,7 +44,7 @@ def test_model_sampling_defaults_do_not_leak(lm):
     model.generation_config.top_k = 3
     model.generation_config.top_p = 0.5
     model.generation_config.repetition_penalty = 1.5
-    cfg = sampling_config(max_new_tokens=4, temperature=1.0, eos_ids=[2], pad_id=2)
+    cfg = generation_config(max_new_tokens=4, eos_ids=[2], pad_id=2)
     enc = tokenizer(_prompts(tokenizer, 1), return_tensors="pt")
     out = model.generate(
         **enc,
@@ -54,10 +57,50 @@ def test_model_sampling_defaults_do_not_leak(lm):
         torch.testing.assert_close(scores, logits)  # no top-k/top-p/penalty processing
 
 
+def test_seeded_sampler_draws_from_the_tempered_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])  # (1, V)
+    for temperature in (1.0, 0.5):
+        sampler = SeededSampler(Sampling(temperature=temperature), [123])
+        draws = torch.stack([sampler(None, logits).argmax(-1) for _ in range(4000)])
+        freq = torch.bincount(draws.flatten(), minlength=4).float() / 4000
+        expected = torch.softmax(logits[0] / temperature, -1)
+        assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
+
+
+def test_seeded_sampler_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    top_k = SeededSampler(Sampling(1.0, top_k=2), [1])
+    assert {int(top_k(None, logits).argmax()) for _ in range(300)} == {0, 1}
+    top_p = SeededSampler(Sampling(1.0, top_p=0.5), [1])  # p(0) = 0.64 > 0.5 -> only token 0
+    assert {int(top_p(None, logits).argmax()) for _ in range(300)} == {0}
+
+
+def test_sampling_is_independent_of_batch_composition(lm):
+    model, tokenizer = lm
+    prompts = _prompts(tokenizer, 3)
+    cfg = generation_config(max_new_tokens=6, eos_ids=[2], pad_id=2)
+    sampling = Sampling(temperature=1.0)
+    seeds = row_seeds(7, 1, range(6))
+    together = generate(
+        model, tokenizer, prompts, cfg, sampling=sampling, seeds=seeds, num_return_sequences=2
+    )
+    alone = generate(
+        model,
+        tokenizer,
+        prompts[2:],
+        cfg,
+        sampling=sampling,
+        seeds=seeds[4:],
+        num_return_sequences=2,
+    )
+    assert together.texts[4:] == alone.texts
+    assert together.texts[4] != together.texts[5] or together.texts[0] != together.texts[1]
+
+
 def test_logprobs_match_generation_logits_with_left_padding(lm):
     model, tokenizer = lm
     prompts = _prompts(tokenizer, 3)
-    cfg = sampling_config(max_new_tokens=6, temperature=0.0, eos_ids=[2], pad_id=2)
+    cfg = generation_config(max_new_tokens=6, eos_ids=[2], pad_id=2)
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert enc["attention_mask"].min() == 0, "prompts must differ in length for this test"
@@ -82,9 +125,16 @@ def test_logprobs_match_generation_logits_with_left_padding(lm):
 
 def test_generate_groups_and_masks(lm):
     model, tokenizer = lm
-    torch.manual_seed(0)
-    cfg = sampling_config(max_new_tokens=5, temperature=1.0, eos_ids=[2], pad_id=2)
-    gen = generate(model, tokenizer, _prompts(tokenizer, 2), cfg, num_return_sequences=3)
+    cfg = generation_config(max_new_tokens=5, eos_ids=[2], pad_id=2)
+    gen = generate(
+        model,
+        tokenizer,
+        _prompts(tokenizer, 2),
+        cfg,
+        sampling=Sampling(temperature=1.0),
+        seeds=row_seeds(0, 0, range(6)),
+        num_return_sequences=3,
+    )
     assert gen.completion_ids.shape[0] == 6
     assert torch.equal(gen.prompt_ids[0], gen.prompt_ids[2])  # a prompt's G rows are consecutive
     assert gen.completion_mask.sum(1).tolist() == gen.num_tokens

@@ -1,0 +1,200 @@
+"""Data parallelism on torch.distributed: process groups, DDP / FSDP2 wrapping, collectives.
+
+Owns everything that differs between one process and many (launched by torchrun): which rank
+does what, how the global batch of prompts is split (whole prompts, so a group of completions
+never spans ranks), how metrics are gathered, how gradients are synchronised (DDP all-reduce or
+FSDP2 `fully_shard` sharding), and how a full, plain state dict is rebuilt for saving. With one
+process every helper is a no-op, so the trainer has a single code path.
+
+Backend: NCCL on CUDA, gloo on CPU. Multi-node runs need no code change: torchrun reads its
+rendezvous settings from PET_* environment variables (PET_NNODES, PET_NODE_RANK,
+PET_MASTER_ADDR, PET_MASTER_PORT, or PET_RDZV_ENDPOINT / PET_RDZV_BACKEND).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+RENDEZVOUS_ENV = ("PET_NNODES", "PET_RDZV_ENDPOINT", "PET_MASTER_ADDR")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init() -> Dist:
+    """Join the process group torchrun set up (WORLD_SIZE > 1), else a single-process Dist."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return Dist(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), world, local_rank, device)
+
+
+def shutdown() -> None:
+    """Leave the process group; every rank waits for the others first (gloo can hang when one
+    rank tears down while another is still finishing its last collective)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def resolve_nproc(value: int | str) -> int:
+    """`auto` = visible GPUs (1 on CPU)."""
+    if value == "auto":
+        return max(1, torch.cuda.device_count())
+    return int(value)
+
+
+def torchrun_command(nproc: int, module: str, argv: Sequence[str]) -> list[str]:
+    """The torchrun command that reruns `python -m module argv` in `nproc` processes.
+
+    Single node by default (`--standalone`); multi-node settings come from PET_* variables.
+    """
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if not any(os.environ.get(var) for var in RENDEZVOUS_ENV):
+        cmd.append("--standalone")
+    return [*cmd, "-m", module, *argv]
+
+
+def shard(items: Sequence, d: Dist) -> list:
+    """This rank's contiguous share of a global list (its length must divide evenly)."""
+    if len(items) % d.world:
+        raise ValueError(f"{len(items)} items do not split evenly over {d.world} processes")
+    per = len(items) // d.world
+    return list(items[d.rank * per : (d.rank + 1) * per])
+
+
+def all_gather_rows(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Concatenate every rank's (n, ...) tensor in rank order: (world * n, ...)."""
+    if not d.enabled:
+        return t
+    parts = [torch.empty_like(t) for _ in range(d.world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum(values: Sequence[float], d: Dist) -> list[float]:
+    """Sum a few floats over ranks (float64 on the rank's device)."""
+    if not d.enabled:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
+    """DDP-wrap or FSDP2-shard `model` for training; unchanged with one process."""
+    if not d.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(d.device.type, (d.world,))
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    raise ValueError(f"unknown strategy {strategy!r}; use ddp or fsdp")
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a HF causal LM (sharded one by one under FSDP)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return list(module)
+    return []
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying HF model (DDP keeps it in `.module`; FSDP2 shards in place)."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter for all but the last micro-batch."""
+    if sync:
+        yield
+        return
+    if hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    yield
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain (unsharded, CPU) state dict; a collective under FSDP, so call it on every rank."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state as one plain dict (a collective under FSDP)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()

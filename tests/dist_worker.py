@@ -1,0 +1,72 @@
+"""Worker of the data-parallel tests: a few GRPO steps on a tiny model, in 1 or N processes.
+
+    python tests/dist_worker.py --out DIR [--strategy ddp|fsdp] [--loss-type grpo] ...
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py ...
+
+Rank 0 saves the final full state dict to DIR/params.pt and the logged metrics stay in DIR/log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny
+import torch
+from test_trainer import LengthReward, _cfg, _records
+
+from grpo import distributed
+from grpo.trainer import GRPOTrainer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--strategy", default="ddp")
+    p.add_argument("--loss-type", default="grpo")
+    p.add_argument("--mu", type=int, default=1)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--steps", type=int, default=1)
+    args = p.parse_args()
+    faulthandler.dump_traceback_later(45, exit=True)
+    torch.set_num_threads(1)
+    d = distributed.init()
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.build_model(tokenizer, seed=0)
+    cfg = _cfg(
+        num_steps=args.steps,
+        batch_size=4,
+        num_generations=2,
+        micro_batch_size=2,
+        save_every=0,
+        loss_type=args.loss_type,
+        mu=args.mu,
+        beta=args.beta,
+        learning_rate=1e-4,
+    )
+    trainer = GRPOTrainer(
+        model,
+        tokenizer,
+        _records(),
+        cfg,
+        LengthReward(),
+        system="Respond",
+        eos_ids=[2],
+        out_dir=args.out / "run",
+        dist=d,
+        strategy=args.strategy,
+        progress=False,
+    )
+    trainer.train(args.out / "log", {})
+    state = trainer.final_state_dict()
+    if d.is_main:
+        torch.save(state, args.out / "params.pt")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
