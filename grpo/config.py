@@ -98,6 +98,19 @@ class ModelConfig(_Section):
     """Weights dtype when running; auto = bf16 on a bf16-capable GPU, else fp32."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"]
     """auto = flash_attention_2 when CUDA and flash-attn are present, else sdpa."""
+    lora_rank: int
+    """LoRA rank for GRPO training (peft); 0 = full fine-tuning."""
+    lora_alpha: float
+    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+    lora_target_modules: list[str]
+    """Module names that get LoRA adapters (e.g. q_proj, v_proj); [] = peft's default."""
+    lora_save: Literal["merged", "adapter"]
+    """merged = a plain model with the adapters folded in; adapter = the adapter only (evaluate
+    loads it on top of its base)."""
+
+    def validate(self) -> None:
+        _check(self.lora_rank >= 0, "model.lora_rank", "must be >= 0 (0 = off)")
+        _check(self.lora_alpha > 0, "model.lora_alpha", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -220,6 +233,8 @@ class TrainConfig(_Section):
     """Sequences per forward/backward chunk (gradient accumulation inside a step)."""
     gradient_checkpointing: bool
     """Recompute activations in the backward pass (less memory, ~30% slower)."""
+    torch_compile: bool
+    """torch.compile the training forward (dynamic shapes); pays off on GPUs for long runs."""
     save_every: int
     """Checkpoint every this many steps (0 = only the final model)."""
     seed: int

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from grpo.errors import UserError
+from grpo.fsutil import atomic_write
 from grpo.rewards import normalize_number
 
 _CALCULATOR = re.compile(r"<<[^<>\n]*>>")
@@ -195,28 +194,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_atomic(path: str | Path, write: Callable[[IO[str]], None]) -> None:
-    """Run `write` on a temp file beside `path`, fsync it and rename it onto `path`.
-
-    On any exception the temp file is removed and the exception re-raised, so `path` is either
-    the complete new file or whatever it was before.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 so the file gets the usual umask-derived mode (mkstemp would give 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_jsonl_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
     """Write `rows` as JSON lines to `path` atomically (complete file or no change).
 
@@ -231,7 +208,7 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> N
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    _write_atomic(path, write)
+    atomic_write(path, write)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -241,7 +218,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         json.dump(obj, handle, indent=2, sort_keys=False, ensure_ascii=False)
         handle.write("\n")
 
-    _write_atomic(path, write)
+    atomic_write(path, write)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -6,11 +6,13 @@ Owns the rule that no stage ever leaves a half-written output behind.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 from grpo.errors import UserError
 
@@ -39,4 +41,29 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write(
+    path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False
+) -> None:
+    """Run `write` on a temp file beside `path`, fsync it and rename it onto `path`.
+
+    On any exception the temp file is removed and the exception re-raised, so `path` is either
+    the complete new file or whatever it was before.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 so the file gets the usual umask-derived mode (mkstemp would give 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = {"mode": "wb"} if binary else {"mode": "w", "encoding": "utf-8", "newline": "\n"}
+        with os.fdopen(fd, **mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -94,9 +94,16 @@ def resolve_source(name: str, revision: str) -> ModelSource:
     return ModelSource("hub", name, revision=revision)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
 def check_model_dir(path: str | Path) -> None:
-    """Fail clearly when a folder is not a transformers model folder."""
+    """Fail clearly when a folder is not a transformers model (or LoRA adapter) folder."""
     path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        if not (path / "adapter_model.safetensors").is_file():
+            raise ModelError(f"{path}: adapter folder without adapter_model.safetensors")
+        return
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json, not a transformers model folder")
     weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
@@ -184,8 +191,13 @@ def load_model(
     kwargs = _load_kwargs(source, trust_remote_code)
     if source.kind == "dir":
         check_model_dir(source.location)
+    auto = AutoModelForCausalLM
+    if source.kind == "dir" and (Path(source.location) / ADAPTER_CONFIG).is_file():
+        from peft import AutoPeftModelForCausalLM  # a LoRA adapter on top of its base model
+
+        auto = AutoPeftModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             source.location,
             dtype=pick_dtype(dtype),
             attn_implementation=pick_attention(attn_implementation),
@@ -195,6 +207,16 @@ def load_model(
         raise _wrap_load_error(source, err) from err
     clear_quantizer(model)
     return model
+
+
+def add_lora(model: PreTrainedModel, rank: int, alpha: float, targets: list[str]):
+    """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets or None, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -246,7 +268,10 @@ def save_model_atomic(
     `state_dict` overrides the model's own (a full state dict gathered from sharded weights).
     """
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if state_dict is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             (tmp / SOURCE_FILE).write_text(json.dumps(extra, indent=2) + "\n")

@@ -22,7 +22,6 @@ import itertools
 import json
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from matplotlib.figure import Figure
 
 from grpo.data import read_jsonl
 from grpo.errors import UserError
+from grpo.fsutil import atomic_write
 
 FIX = "run dvc repro"
 
@@ -68,23 +68,6 @@ EXAMPLES = 10
 def _require(path: Path, what: str) -> None:
     if not path.is_file():
         raise UserError(f"{path}: {what} not found; {FIX}")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync it and rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 so the file gets the usual umask-derived mode (mkstemp would give 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -443,7 +426,7 @@ def plot(log_dir: Path, metrics: pd.DataFrame, out_png: Path) -> None:
         ax.set_xlabel("step")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    _write_atomic(Path(out_png), buffer.getvalue())
+    atomic_write(Path(out_png), lambda fh: fh.write(buffer.getvalue()), binary=True)
 
 
 # --- report --------------------------------------------------------------------------------
@@ -571,4 +554,4 @@ def write_report(
         "",
     ]
     plot(Path(log_dir), metrics, out_png)
-    _write_atomic(out_md, "\n".join(lines).encode("utf-8"))
+    atomic_write(out_md, lambda fh: fh.write("\n".join(lines)))

@@ -236,6 +236,8 @@ class GRPOTrainer:
         self.sharded = distributed.is_sharded(self.engine)
         # generation and no-grad forwards: the plain model, or the sharded one under FSDP
         self.policy = self.engine if self.sharded else distributed.unwrap(self.engine)
+        # the training forward, optionally compiled (generation keeps the eager model)
+        self.scorer = torch.compile(self.engine, dynamic=True) if cfg.torch_compile else self.engine
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -308,7 +310,7 @@ class GRPOTrainer:
                 with distributed.no_grad_sync(self.engine, sync):
                     with autocast_context(self.device):
                         logp = completion_logprobs(
-                            self.engine,
+                            self.scorer,
                             ro.gen.prompt_ids[rows],
                             ro.gen.prompt_mask[rows],
                             ro.gen.completion_ids[rows],
@@ -337,7 +339,8 @@ class GRPOTrainer:
                 loss_sum += out.loss.item() * weight / d.world
                 kl_sum += out.kl * out.num_tokens
                 clip_sum += out.clip_ratio * out.num_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.engine.parameters(), cfg.max_grad_norm)
+            trainable = [p for p in self.engine.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
             optimizer.step()
@@ -370,7 +373,7 @@ class GRPOTrainer:
                 if self.ref is not None and iteration > 0:
                     self.ref.load_state_dict(distributed.full_state_dict(self.engine))
                 optimizer = torch.optim.AdamW(
-                    self.engine.parameters(),
+                    [p for p in self.engine.parameters() if p.requires_grad],
                     lr=cfg.learning_rate,
                     weight_decay=cfg.weight_decay,
                     **({"fused": True} if self.device.type == "cuda" else {}),

@@ -32,7 +32,7 @@ from stages import _cli
 log = logging.getLogger(__name__)
 
 
-def save_final(lm, tokenizer, out: Path, summary: dict, state_dict: dict) -> None:
+def save_final(lm, tokenizer, out: Path, summary: dict, state_dict: dict | None) -> None:
     """Replace the model files in `out` atomically, keeping `out/checkpoints`."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".final.", dir=out))
@@ -88,6 +88,16 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
         attn_implementation=params.model.attn_implementation,
         trust_remote_code=params.model.trust_remote_code,
     )
+    lora_rank, lora_save = params.model.lora_rank, params.model.lora_save
+    if lora_rank > 0:
+        if strategy == "fsdp" and d.world > 1:
+            raise UserError(
+                "params.yaml: model.lora_rank > 0 trains with train.strategy: ddp; FSDP of LoRA "
+                "models is not supported (the adapters are small: replicate them)"
+            )
+        lm = model.add_lora(
+            lm, lora_rank, params.model.lora_alpha, params.model.lora_target_modules
+        )
     out = Path(args.out)
     if d.is_main:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # resume is not supported yet
@@ -108,7 +118,12 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
     summary = trainer.train(Path(args.log_dir), run_config)
     state = trainer.final_state_dict()  # a collective under FSDP: every rank takes part
     if d.is_main:
-        save_final(trainer.plain_model(), tokenizer, out, {"from": args.model, **summary}, state)
+        final, final_state = trainer.plain_model(), state
+        if lora_rank > 0:  # peft saves its own state: the merged model or the adapter
+            final_state = None
+            if lora_save == "merged":
+                final = final.merge_and_unload()
+        save_final(final, tokenizer, out, {"from": args.model, **summary}, final_state)
         log.info("%s: %s", out, json.dumps(summary))
     distributed.barrier(d)
 

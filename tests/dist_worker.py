@@ -15,12 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny
 import torch
-from test_trainer import LengthReward, _cfg, _records
+from test_trainer import _cfg, _trainer
 
 from grpo import distributed
-from grpo.trainer import GRPOTrainer
 
 
 def main() -> None:
@@ -32,11 +30,9 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--steps", type=int, default=1)
     args = p.parse_args()
-    faulthandler.dump_traceback_later(45, exit=True)
+    faulthandler.dump_traceback_later(300, exit=True)  # a hang becomes a traceback
     torch.set_num_threads(1)
     d = distributed.init()
-    tokenizer = tiny.build_tokenizer()
-    model = tiny.build_model(tokenizer, seed=0)
     cfg = _cfg(
         num_steps=args.steps,
         batch_size=4,
@@ -48,19 +44,7 @@ def main() -> None:
         beta=args.beta,
         learning_rate=1e-4,
     )
-    trainer = GRPOTrainer(
-        model,
-        tokenizer,
-        _records(),
-        cfg,
-        LengthReward(),
-        system="Respond",
-        eos_ids=[2],
-        out_dir=args.out / "run",
-        dist=d,
-        strategy=args.strategy,
-        progress=False,
-    )
+    trainer, _ = _trainer(args.out, cfg, dist=d, strategy=args.strategy)
     trainer.train(args.out / "log", {})
     state = trainer.final_state_dict()
     if d.is_main:

@@ -172,12 +172,13 @@ def test_train_param_change_reruns_train_and_downstream_only(workspace):
         run(workspace, "dvc", "repro")
 
 
-def test_train_stage_launches_torchrun_and_logs_once(workspace):
+def test_exp_run_with_two_processes_launches_torchrun_and_logs_once(workspace):
     original = (workspace / "params.yaml").read_text()
     try:
-        edit_params(workspace, train={"nproc_per_node": 2})
-        out = run(workspace, "dvc", "repro", "train")
+        out = run(workspace, "dvc", "exp", "run", "-S", "train.nproc_per_node=2")
         assert "launching 2 processes" in out
+        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+        assert ran == {"train", "evaluate@grpo", "report"}
         steps = (workspace / "dvclive/plots/metrics/reward/mean.tsv").read_text().splitlines()
         assert len(steps) == 1 + 2  # header + one row per step, written by rank 0 only
         assert (workspace / "models/grpo/model.safetensors").is_file()

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_required_presets_exist():
-    assert {"cpu-demo", "seed-qwen2.5-1.5b", "qwen2.5-0.5b-1gpu"} <= set(preset.names())
+    required = {"cpu-demo", "seed-qwen2.5-1.5b", "qwen2.5-0.5b-1gpu", "qwen2.5-1.5b-lora-1gpu"}
+    assert required <= set(preset.names())
 
 
 @pytest.mark.parametrize("name", preset.names())

@@ -45,7 +45,7 @@ def _records():
     ]
 
 
-def _trainer(tmp_path, cfg, seed=0):
+def _trainer(tmp_path, cfg, seed=0, **kwargs):
     tokenizer = tiny.build_tokenizer()
     model = tiny.build_model(tokenizer, seed=seed)
     trainer = GRPOTrainer(
@@ -58,6 +58,7 @@ def _trainer(tmp_path, cfg, seed=0):
         eos_ids=[2],
         out_dir=tmp_path / "out",
         progress=False,
+        **kwargs,
     )
     return trainer, model
 
@@ -117,3 +118,14 @@ def test_lr_schedule_warmup_then_decay():
     cfg = _cfg(warmup_steps=2, lr_scheduler="linear")
     f = lr_lambda(cfg, total_updates=10)
     assert [round(f(u), 3) for u in (0, 1, 2, 6, 10)] == [0.333, 0.667, 1.0, 0.5, 0.0]
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_step(tmp_path):
+    results = []
+    for flag in (False, True):
+        trainer, model = _trainer(tmp_path / str(flag), _cfg(num_steps=1, torch_compile=flag))
+        trainer.train(tmp_path / str(flag) / "log", {})
+        results.append([p.detach().clone() for p in model.parameters()])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
