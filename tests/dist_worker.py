@@ -44,12 +44,18 @@ def main() -> None:
         beta=args.beta,
         learning_rate=1e-4,
     )
+    try:
+        run(args, cfg, d)
+    finally:
+        distributed.shutdown()  # after run() returned: DDP/FSDP objects are gone by then
+
+
+def run(args: argparse.Namespace, cfg, d: distributed.Dist) -> None:
     trainer, _ = _trainer(args.out, cfg, dist=d, strategy=args.strategy)
     trainer.train(args.out / "log", {})
     state = trainer.final_state_dict()
     if d.is_main:
         torch.save(state, args.out / "params.pt")
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
