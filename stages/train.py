@@ -88,16 +88,20 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
         attn_implementation=params.model.attn_implementation,
         trust_remote_code=params.model.trust_remote_code,
     )
-    lora_rank, lora_save = params.model.lora_rank, params.model.lora_save
+    m = params.model
+    lora_rank, lora_alpha, lora_targets, lora_save = (
+        m.lora_rank,
+        m.lora_alpha,
+        m.lora_target_modules,
+        m.lora_save,
+    )
     if lora_rank > 0:
         if strategy == "fsdp" and d.world > 1:
             raise UserError(
                 "params.yaml: model.lora_rank > 0 trains with train.strategy: ddp; FSDP of LoRA "
                 "models is not supported (the adapters are small: replicate them)"
             )
-        lm = model.add_lora(
-            lm, lora_rank, params.model.lora_alpha, params.model.lora_target_modules
-        )
+        lm = model.add_lora(lm, lora_rank, lora_alpha, lora_targets)
     out = Path(args.out)
     if d.is_main:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # resume is not supported yet
