@@ -166,6 +166,19 @@ def no_grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
     yield
 
 
+@torch.no_grad()
+def copy_parameters(target: nn.Module, source: nn.Module) -> None:
+    """Copy `source`'s parameters into `target`, wrapped the same way (each rank copies its own
+    shards under FSDP: nothing is gathered)."""
+    for model in (target, source):
+        for module in model.modules():
+            if hasattr(module, "reshard"):  # FSDP2 may keep the root unsharded after a forward
+                module.reshard()
+    src = dict(unwrap(source).named_parameters())
+    for name, param in unwrap(target).named_parameters():
+        param.copy_(src[name])
+
+
 def is_sharded(model: nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync")
 

@@ -228,12 +228,15 @@ class GRPOTrainer:
             policy.gradient_checkpointing_enable()
             policy.config.use_cache = False
         policy.to(self.device)
-        # the reference starts as a frozen copy of the unsharded policy (beta == 0: none at all)
+        # the reference starts as a frozen copy of the policy (beta == 0: none at all); under
+        # FSDP it is sharded like the policy, so no rank ever holds a full second copy
         self.ref = None
         if cfg.beta > 0:
             self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
         self.engine = distributed.wrap(policy, strategy, self.dist)  # trains (DDP / FSDP)
         self.sharded = distributed.is_sharded(self.engine)
+        if self.ref is not None and self.sharded:
+            self.ref = distributed.wrap(self.ref, "fsdp", self.dist)
         # generation and no-grad forwards: the plain model, or the sharded one under FSDP
         self.policy = self.engine if self.sharded else distributed.unwrap(self.engine)
         # the training forward, optionally compiled (generation keeps the eager model)
@@ -371,7 +374,7 @@ class GRPOTrainer:
             for iteration in range(cfg.num_iterations):
                 # reference = frozen copy of the current policy; fresh optimizer and schedule
                 if self.ref is not None and iteration > 0:
-                    self.ref.load_state_dict(distributed.full_state_dict(self.engine))
+                    distributed.copy_parameters(self.ref, self.engine)
                 optimizer = torch.optim.AdamW(
                     [p for p in self.engine.parameters() if p.requires_grad],
                     lr=cfg.learning_rate,

@@ -29,12 +29,14 @@ def main() -> None:
     p.add_argument("--mu", type=int, default=1)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=1)
     args = p.parse_args()
     faulthandler.dump_traceback_later(300, exit=True)  # a hang becomes a traceback
     torch.set_num_threads(1)
     d = distributed.init()
     cfg = _cfg(
         num_steps=args.steps,
+        num_iterations=args.iterations,
         batch_size=4,
         num_generations=2,
         micro_batch_size=2,
@@ -52,6 +54,11 @@ def main() -> None:
 
 def run(args: argparse.Namespace, cfg, d: distributed.Dist) -> None:
     trainer, _ = _trainer(args.out, cfg, dist=d, strategy=args.strategy)
+    if trainer.ref is not None and d.enabled and args.strategy == "fsdp":
+        # the reference is sharded like the policy: each rank holds only its part
+        full = sum(p.numel() for p in trainer.ref.parameters())
+        local = sum(p.to_local().numel() for p in trainer.ref.parameters())
+        assert local < full, (local, full)
     trainer.train(args.out / "log", {})
     state = trainer.final_state_dict()
     if d.is_main:
