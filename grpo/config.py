@@ -237,6 +237,9 @@ class TrainConfig(_Section):
     """torch.compile the training forward (dynamic shapes); pays off on GPUs for long runs."""
     save_every: int
     """Checkpoint every this many steps (0 = only the final model)."""
+    nonfinite: Literal["skip", "stop"]
+    """A non-finite reward, loss or gradient norm: skip = drop that update and count it
+    (`nonfinite_skipped` in the logs); stop = fail naming the step (the last checkpoint stays)."""
     seed: int
     """Seed of prompt sampling, rollouts and initialisation."""
     wandb: Literal["disabled", "offline", "online"]

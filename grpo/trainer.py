@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import random
-import shutil
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grpo import distributed
+from grpo import checkpoint, distributed
 from grpo.config import TrainConfig
-from grpo.fsutil import atomic_dir
+from grpo.errors import UserError
 from grpo.loss import group_advantages, grpo_loss, zero_std_fraction
 from grpo.rewards import RewardFunctions
 from grpo.rollout import (
@@ -47,9 +46,18 @@ from grpo.rollout import (
 )
 
 log = logging.getLogger(__name__)
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
-KEEP_CHECKPOINTS = 2
+
+
+class NonFiniteError(UserError):
+    """A non-finite reward, loss or gradient with `train.nonfinite: stop`."""
+
+
+class Interrupted(UserError):
+    """SIGTERM / SIGINT arrived: a checkpoint was saved, the run stopped."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class PromptSampler:
@@ -115,18 +123,37 @@ def autocast_context(device: torch.device):
 class MetricsLogger:
     """Step metrics to DVCLive (for `dvc plots show`) and optionally to Weights & Biases."""
 
-    def __init__(self, log_dir: Path, cfg: TrainConfig, run_config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        cfg: TrainConfig,
+        run_config: Mapping[str, Any],
+        *,
+        resume: bool = False,
+        wandb_id: str | None = None,
+    ) -> None:
         from dvclive import Live
 
-        self.live = Live(dir=str(log_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+        self.live = Live(
+            dir=str(log_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume
+        )
         self.wandb = None
         mode, project = cfg.wandb, cfg.wandb_project
         if mode != "disabled":
             import wandb
 
             self.wandb = wandb.init(
-                project=project, mode=mode, config=dict(run_config), dir=str(log_dir)
+                project=project,
+                mode=mode,
+                config=dict(run_config),
+                dir=str(log_dir),
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
             )
+
+    @property
+    def wandb_id(self) -> str | None:
+        return None if self.wandb is None else self.wandb.id
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self.live.step = step
@@ -155,29 +182,6 @@ class Rollout:
     generation_seconds: float
 
 
-def save_checkpoint(
-    folder: Path,
-    model: PreTrainedModel,
-    model_state: Mapping[str, torch.Tensor],
-    optimizer_state: Mapping[str, Any],
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: Mapping[str, Any],
-) -> Path:
-    """Write `checkpoints/step-XXXXXX` atomically, with a COMPLETE marker; keep the newest few."""
-    target = folder / CHECKPOINTS / f"step-{state['step']:06d}"
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, state_dict=dict(model_state), safe_serialization=True)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / COMPLETE).write_text("")
-    done = sorted(p for p in (folder / CHECKPOINTS).glob("step-*") if (p / COMPLETE).exists())
-    for old in done[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old)
-    return target
-
-
 class GRPOTrainer:
     """Runs `cfg.num_iterations` x `cfg.num_steps` GRPO steps on `policy` in place.
 
@@ -196,7 +200,7 @@ class GRPOTrainer:
         *,
         system: str,
         eos_ids: Sequence[int],
-        out_dir: Path,
+        checkpoint_dir: Path,
         dist: distributed.Dist | None = None,
         strategy: str = "ddp",
         progress: bool = True,
@@ -213,7 +217,9 @@ class GRPOTrainer:
         self.reward_fns = rewards
         self.system = system
         self.eos_ids = list(eos_ids)
-        self.out_dir = Path(out_dir)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.skipped = 0  # updates dropped for a non-finite reward, loss or gradient
+        self._signal: int | None = None
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
         self.sampler = PromptSampler(len(records), cfg.seed)
@@ -286,23 +292,38 @@ class GRPOTrainer:
         components = {name: [s[name] for s in scores] for name in self.reward_fns.names}
         rewards = torch.tensor([sum(s.values()) for s in scores], dtype=torch.float32)  # (N,)
         # 4. group-relative advantages (groups = consecutive G rows, never split over ranks)
-        advantages = group_advantages(rewards, G, scale_rewards=cfg.scale_rewards).to(
-            self.device
-        )  # (N,)
+        if torch.isfinite(rewards).all():
+            advantages = group_advantages(rewards, G, scale_rewards=cfg.scale_rewards)  # (N,)
+        else:  # `update` skips or stops before using them
+            advantages = torch.full_like(rewards, math.nan)  # (N,)
+        advantages = advantages.to(self.device)
         # 5. old-policy log-probs only when mu > 1; reference log-probs only when beta > 0
         with torch.no_grad():
             old_logp = self._logprobs(self.policy, gen) if cfg.mu > 1 else None
             ref_logp = self._logprobs(self.ref, gen) if self.ref is not None else None
         return Rollout(gen, rewards, components, advantages, old_logp, ref_logp, generation_seconds)
 
-    def update(self, ro: Rollout, optimizer, scheduler) -> dict[str, float]:
-        """`mu` optimizer updates on one rollout batch, micro-batched."""
+    def update(self, ro: Rollout, optimizer, scheduler, step: int = 0) -> dict[str, float]:
+        """`mu` optimizer updates on one rollout batch, micro-batched.
+
+        A non-finite reward, loss or gradient norm (the same verdict on every rank: all three
+        are reduced over ranks) drops the update (`nonfinite: skip`, the schedule still
+        advances) or raises NonFiniteError (`nonfinite: stop`).
+        """
         cfg, d = self.cfg, self.dist
         n = ro.gen.completion_ids.shape[0]
-        (total_tokens,) = distributed.all_reduce_sum([float(ro.gen.completion_mask.sum())], d)
+        bad_rewards = float((~torch.isfinite(ro.rewards)).sum())
+        total_tokens, bad_rewards = distributed.all_reduce_sum(
+            [float(ro.gen.completion_mask.sum()), bad_rewards], d
+        )
         stats: dict[str, float] = {}
+        if bad_rewards:
+            self._nonfinite_update(
+                f"reward ({int(bad_rewards)} completions)", step, optimizer, scheduler, cfg.mu
+            )
+            return {"nonfinite_skipped": float(self.skipped)}
         self.engine.train()
-        for _ in range(cfg.mu):
+        for update in range(cfg.mu):
             optimizer.zero_grad(set_to_none=True)
             loss_sum = kl_sum = clip_sum = 0.0
             starts = list(range(0, n, cfg.micro_batch_size))
@@ -346,9 +367,15 @@ class GRPOTrainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
+            loss, kl, clip = distributed.all_reduce_sum([loss_sum, kl_sum, clip_sum], d)
+            fault = self._nonfinite(loss, float(grad_norm))
+            if fault:
+                stats = {"loss": loss, "kl": kl, "clip_ratio": clip, "grad_norm": float(grad_norm)}
+                self.engine.eval()
+                self._nonfinite_update(fault, step, optimizer, scheduler, cfg.mu - update)
+                break
             optimizer.step()
             scheduler.step()
-            loss, kl, clip = distributed.all_reduce_sum([loss_sum, kl_sum, clip_sum], d)
             stats = {
                 "loss": loss,
                 "kl": kl / max(total_tokens, 1.0),
@@ -356,76 +383,212 @@ class GRPOTrainer:
                 "grad_norm": float(grad_norm),
             }
         self.engine.eval()
+        stats["nonfinite_skipped"] = float(self.skipped)
         return stats
+
+    @staticmethod
+    def _nonfinite(loss: float, grad_norm: float) -> str:
+        """What is non-finite, or "" when all is well."""
+        if not math.isfinite(loss):
+            return f"loss ({loss})"
+        if not math.isfinite(grad_norm):
+            return f"gradient norm ({grad_norm})"
+        return ""
+
+    def _nonfinite_update(self, fault: str, step: int, optimizer, scheduler, updates: int):
+        """Drop the step's remaining `updates` (the schedule still advances), or stop."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.cfg.nonfinite == "stop":
+            raise NonFiniteError(
+                f"train: non-finite {fault} at step {step}; the last checkpoint in "
+                f"{self.checkpoint_dir} is intact. Lower train.learning_rate or "
+                f"train.max_grad_norm, or set train.nonfinite: skip to drop such updates"
+            )
+        self.skipped += 1
+        log.warning("step %d: non-finite %s, update skipped (%d so far)", step, fault, self.skipped)
+        for _ in range(updates):
+            scheduler.step()
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def train(self, log_dir: Path, run_config: Mapping[str, Any]) -> dict[str, float]:
-        """Run every iteration and step; return a summary of the run (same on every rank)."""
+    def train(
+        self,
+        log_dir: Path,
+        run_config: Mapping[str, Any],
+        *,
+        resume: checkpoint.Checkpoint | None = None,
+        fingerprint: str = "",
+    ) -> dict[str, float]:
+        """Run every iteration and step, from `resume` when given; return a summary of the run
+        (the same on every rank). SIGTERM / SIGINT end the current step, save a checkpoint and
+        raise Interrupted (a second signal stops at once)."""
         cfg, d = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        logger = MetricsLogger(log_dir, cfg, run_config) if d.is_main else None
+        self.fingerprint = fingerprint
+        self.history: list[float] = []
+        done, wandb_id = 0, None
+        if resume is not None:
+            done, wandb_id = resume.step, resume.state.get("wandb_id")
+            distributed.load_full_state_dict(self.engine, resume.model_state)
+            self.sampler.load_state(resume.state["sampler"])
+            self.history = list(resume.state["history"])
+            self.skipped = int(resume.state["nonfinite_skipped"])
+            checkpoint.set_rng_state(resume.rng)
+            if d.is_main:
+                checkpoint.restore_log_dir(resume.path, Path(log_dir))
+            distributed.barrier(d)
+            log.info("resuming from %s (step %d)", resume.path, done)
+        self.log_dir = Path(log_dir)
+        self.logger = (
+            MetricsLogger(log_dir, cfg, run_config, resume=resume is not None, wandb_id=wandb_id)
+            if d.is_main
+            else None
+        )
         total_steps = cfg.num_iterations * cfg.num_steps
-        bar = tqdm(total=total_steps, desc="grpo", unit="step", disable=not self.progress)
-        history: list[float] = []
-        step = 0
+        bar = tqdm(
+            total=total_steps, initial=done, desc="grpo", unit="step", disable=not self.progress
+        )
         try:
-            for iteration in range(cfg.num_iterations):
-                # reference = frozen copy of the current policy; fresh optimizer and schedule
-                if self.ref is not None and iteration > 0:
-                    distributed.copy_parameters(self.ref, self.engine)
-                optimizer = torch.optim.AdamW(
-                    [p for p in self.engine.parameters() if p.requires_grad],
-                    lr=cfg.learning_rate,
-                    weight_decay=cfg.weight_decay,
-                    **({"fused": True} if self.device.type == "cuda" else {}),
-                )
-                scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, lr_lambda(cfg, cfg.num_steps * cfg.mu)
-                )
-                for _ in range(cfg.num_steps):
-                    step += 1
-                    start = time.perf_counter()
-                    lr = scheduler.get_last_lr()[0]
-                    ro = self.rollout(step)
-                    stats = self.update(ro, optimizer, scheduler)
-                    seconds = time.perf_counter() - start
-                    metrics = self._step_metrics(ro, stats, lr, seconds)
-                    metrics["iteration"] = iteration
-                    if logger is not None:
-                        logger.log(step, metrics)
-                    history.append(metrics["reward/mean"])
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", s=f"{seconds:.0f}")
-                    if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                        state = {
-                            "step": step,
-                            "iteration": iteration,
-                            "sampler": self.sampler.state(),
-                            "world_size": d.world,
-                        }
-                        self.save_checkpoint(optimizer, scheduler, state)
+            with self._signals_stop_the_run():
+                for iteration in range(done // cfg.num_steps, cfg.num_iterations):
+                    first = iteration * cfg.num_steps
+                    mid_iteration = resume is not None and first < done
+                    optimizer, scheduler = self._start_iteration(
+                        iteration, resume if mid_iteration else None
+                    )
+                    for step in range(max(first, done) + 1, first + cfg.num_steps + 1):
+                        self._step(step, iteration, optimizer, scheduler, bar)
+                        if self._stop_requested():
+                            path = self.save_checkpoint(optimizer, scheduler, step, iteration)
+                            name = signal.Signals(self._signal or signal.SIGTERM).name
+                            raise Interrupted(
+                                f"train: stopped by {name} after step {step} of {total_steps}; "
+                                f"checkpoint saved to {path}; run `dvc repro` to resume",
+                                self._signal or signal.SIGTERM,
+                            )
+                        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                            self.save_checkpoint(optimizer, scheduler, step, iteration)
         finally:
             bar.close()
-            if logger is not None:
-                logger.close()
+            if self.logger is not None:
+                self.logger.close()
+        history = self.history
         quarter = max(1, len(history) // 4)
         return {
-            "steps": step,
+            "steps": total_steps,
             "reward_first_quarter": sum(history[:quarter]) / quarter,
             "reward_last_quarter": sum(history[-quarter:]) / quarter,
+            "nonfinite_skipped": self.skipped,
         }
 
-    def save_checkpoint(self, optimizer, scheduler, state: Mapping[str, Any]) -> None:
+    def _start_iteration(self, iteration: int, resume: checkpoint.Checkpoint | None):
+        """Reference = frozen copy of the current policy, a fresh AdamW and schedule; or, when
+        resuming inside this iteration, the saved reference, optimizer and schedule."""
+        cfg = self.cfg
+        if self.ref is not None and iteration > 0:
+            if resume is not None:
+                if resume.ref_state is None:
+                    raise UserError(f"{resume.path}: ref.safetensors is missing; delete the folder")
+                distributed.load_full_state_dict(self.ref, resume.ref_state)
+            else:
+                distributed.copy_parameters(self.ref, self.engine)
+        optimizer = torch.optim.AdamW(
+            [p for p in self.engine.parameters() if p.requires_grad],
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            **({"fused": True} if self.device.type == "cuda" else {}),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg, cfg.num_steps * cfg.mu)
+        )
+        if resume is not None:
+            distributed.load_full_optimizer_state(self.engine, optimizer, resume.optimizer_state)
+            scheduler.load_state_dict(resume.scheduler_state)
+        return optimizer, scheduler
+
+    def _step(self, step: int, iteration: int, optimizer, scheduler, bar) -> None:
+        start = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        ro = self.rollout(step)
+        stats = self.update(ro, optimizer, scheduler, step)
+        seconds = time.perf_counter() - start
+        metrics = self._step_metrics(ro, stats, lr, seconds)
+        metrics["iteration"] = iteration
+        if self.logger is not None:
+            self.logger.log(step, metrics)
+        self.history.append(metrics["reward/mean"])
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", s=f"{seconds:.0f}")
+
+    @contextlib.contextmanager
+    def _signals_stop_the_run(self):
+        """First SIGTERM / SIGINT: finish the step, save, stop. Second: the default action."""
+        signals = (signal.SIGTERM, signal.SIGINT)
+        try:
+            previous = {s: signal.getsignal(s) for s in signals}
+        except ValueError:  # not the main thread: leave signals alone
+            yield
+            return
+
+        def handler(signum, frame):
+            self._signal = signum
+            log.warning(
+                "%s: finishing step, then saving a checkpoint (again to stop at once)",
+                signal.Signals(signum).name,
+            )
+            for s in signals:
+                signal.signal(s, previous[s])
+
+        try:
+            for s in signals:
+                signal.signal(s, handler)
+        except ValueError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            for s in signals:
+                signal.signal(s, previous[s])
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (every rank takes the same decision)."""
+        (count,) = distributed.all_reduce_sum([1.0 if self._signal else 0.0], self.dist)
+        if count and self._signal is None:
+            self._signal = signal.SIGTERM
+        return bool(count)
+
+    def save_checkpoint(self, optimizer, scheduler, step: int, iteration: int) -> Path:
         """Gather full states on every rank (collective under FSDP); rank 0 writes."""
         model_state = distributed.full_state_dict(self.engine)
+        ref_state = None
+        if self.ref is not None and iteration > 0:
+            ref_state = distributed.full_state_dict(self.ref)
         optim_state = distributed.full_optimizer_state(self.engine, optimizer)
+        state = {
+            "step": step,
+            "iteration": iteration,
+            "sampler": self.sampler.state(),
+            "history": self.history,
+            "nonfinite_skipped": self.skipped,
+            "world_size": self.dist.world,
+            "wandb_id": None if self.logger is None else self.logger.wandb_id,
+            "fingerprint": self.fingerprint,
+        }
+        path = self.checkpoint_dir / f"step-{step:06d}"
         if self.dist.is_main:
-            save_checkpoint(
-                self.out_dir, self.plain_model(), model_state, optim_state, scheduler, state
+            path = checkpoint.save(
+                self.checkpoint_dir,
+                state=state,
+                model_state=model_state,
+                ref_state=ref_state,
+                optimizer_state=optim_state,
+                scheduler_state=scheduler.state_dict(),
+                log_dir=self.log_dir,
             )
         distributed.barrier(self.dist)
+        return path
 
     def plain_model(self) -> PreTrainedModel:
         """The HF model object (its parameters may be sharded: save with a full state dict)."""

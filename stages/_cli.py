@@ -1,6 +1,7 @@
 """Shared plumbing of the stage CLIs: argument parsing, logging, user errors, params trace.
 
-A `UserError` (bad params, data, model or path) becomes one line on stderr and exit code 2;
+A `UserError` (bad params, data, model or path) becomes one line on stderr and exit code 2
+(or the error's own `exit_code`, e.g. 143 after SIGTERM);
 any other exception is a bug and keeps its traceback.
 """
 
@@ -29,5 +30,5 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], args: argparse.N
         main(args)
     except UserError as err:
         print(f"error [{stage}]: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))
     config.write_trace(stage)

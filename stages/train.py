@@ -1,11 +1,17 @@
 """Stage `train`: GRPO fine-tuning of `models/sft` on the prepared train records.
 
     python -m stages.train --model models/sft --data data/prepared/train.jsonl \
-        --out models/grpo --log-dir dvclive
+        --out models/grpo --checkpoints models/grpo-checkpoints --log-dir dvclive
 
 Writes the final model as a plain HF folder (safetensors + tokenizer + generation config) in
-`--out`, checkpoints under `--out/checkpoints/`, step metrics to DVCLive in `--log-dir` (and to
-W&B when `train.wandb` is not `disabled`).
+`--out`, checkpoints every `train.save_every` steps in `--checkpoints` (a DVC `persist` output),
+step metrics to DVCLive in `--log-dir` (and to W&B when `train.wandb` is not `disabled`).
+
+Resume: when `--checkpoints` holds a complete checkpoint of this very run (same params, input
+files and code: the run fingerprint), training continues from it and ends with the same weights
+and metrics as an uninterrupted run; otherwise the folder is emptied and the run starts fresh.
+Keys that change how a run executes but not what it computes may differ: RESUMABLE_KEYS.
+SIGTERM / SIGINT save a checkpoint after the current step and exit with 128 + the signal number.
 
 With `train.nproc_per_node` > 1 the stage relaunches itself under torchrun (one process per GPU,
 gloo on CPU); only rank 0 writes checkpoints, logs and the final model.
@@ -13,40 +19,56 @@ gloo on CPU); only rank 0 writes checkpoints, logs and the final model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from grpo import config, distributed, model
-from grpo.data import read_jsonl
+from grpo import checkpoint, config, distributed, model
+from grpo.data import read_jsonl, sha256_file
 from grpo.errors import UserError
 from grpo.rewards import RewardFunctions
-from grpo.trainer import CHECKPOINTS, GRPOTrainer
+from grpo.trainer import GRPOTrainer
 from stages import _cli
 
 log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+RESUMABLE_KEYS = (
+    "save_every",
+    "nonfinite",
+    "wandb",
+    "wandb_project",
+    "nproc_per_node",
+    "strategy",
+)
+"""train.* keys a run may be resumed with after changing them: they decide how the run executes
+(checkpoint period, what to do on NaN, logging, process count) but not what a step computes."""
 
 
-def save_final(lm, tokenizer, out: Path, summary: dict, state_dict: dict | None) -> None:
-    """Replace the model files in `out` atomically, keeping `out/checkpoints`."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".final.", dir=out))
-    try:
-        model.save_model_atomic(
-            lm, tokenizer, staging / "model", extra=summary, state_dict=state_dict
-        )
-        for item in out.iterdir():
-            if item.name not in (CHECKPOINTS, staging.name):
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
-        for item in (staging / "model").iterdir():
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def fingerprint(params: config.Params, model_dir: Path, data: Path) -> str:
+    """sha256 of everything a resumed run must share with the interrupted one: the params the
+    stage reads (but RESUMABLE_KEYS), the bytes of the model folder and the data file, and the
+    project code."""
+    m = params.model
+    keys = {
+        "train": {k: v for k, v in params.train.to_dict().items() if k not in RESUMABLE_KEYS},
+        "reward": params.reward.to_dict(),
+        "prompt": params.prompt.to_dict(),
+        "model": {
+            k: v
+            for k, v in m.to_dict().items()
+            if k.startswith("lora_") or k in ("attn_implementation", "trust_remote_code")
+        },
+    }
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    code = sorted([*(REPO / "grpo").glob("*.py"), REPO / "stages" / "train.py"])
+    digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
+    for path in [*files, data, *code]:
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def launch(nproc: int) -> None:
@@ -102,10 +124,13 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
                 "models is not supported (the adapters are small: replicate them)"
             )
         lm = model.add_lora(lm, lora_rank, lora_alpha, lora_targets)
-    out = Path(args.out)
+    out, ckpt_dir = Path(args.out), Path(args.checkpoints)
+    fp = fingerprint(params, Path(args.model), Path(args.data))
     if d.is_main:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # resume is not supported yet
+        checkpoint.resumable(ckpt_dir, fp)  # empties the folder when stale
     distributed.barrier(d)
+    found = checkpoint.complete(ckpt_dir)
+    resume = checkpoint.load(found[-1]) if found else None
     run_config = {"train": cfg.to_dict(), "reward": params.reward.to_dict(), "world": d.world}
     trainer = GRPOTrainer(
         lm,
@@ -115,11 +140,12 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
         RewardFunctions(params.reward),
         system=params.prompt.system,
         eos_ids=model.eos_token_ids(lm, tokenizer),
-        out_dir=out,
+        checkpoint_dir=ckpt_dir,
         dist=d,
         strategy=strategy,
     )
-    summary = trainer.train(Path(args.log_dir), run_config)
+    summary = trainer.train(Path(args.log_dir), run_config, resume=resume, fingerprint=fp)
+    del resume
     state = trainer.final_state_dict()  # a collective under FSDP: every rank takes part
     if d.is_main:
         final, final_state = trainer.plain_model(), state
@@ -127,7 +153,9 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
             final_state = None
             if lora_save == "merged":
                 final = final.merge_and_unload()
-        save_final(final, tokenizer, out, {"from": args.model, **summary}, final_state)
+        model.save_model_atomic(
+            final, tokenizer, out, extra={"from": args.model, **summary}, state_dict=final_state
+        )
         log.info("%s: %s", out, json.dumps(summary))
     distributed.barrier(d)
 
@@ -137,5 +165,6 @@ if __name__ == "__main__":
     p.add_argument("--model", required=True, help="starting model folder")
     p.add_argument("--data", required=True, help="prepared train records (jsonl)")
     p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--checkpoints", required=True, help="checkpoint folder (kept across runs)")
     p.add_argument("--log-dir", required=True, help="DVCLive folder")
     _cli.run("train", main, p.parse_args())

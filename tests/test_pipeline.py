@@ -108,7 +108,7 @@ def test_repro_writes_every_output(workspace):
         other = json.loads((workspace / f"metrics/{name}.json").read_text())
         assert set(other) == set(metrics)
     assert (workspace / "models/grpo/model.safetensors").is_file()
-    assert (workspace / "models/grpo/checkpoints/step-000001/COMPLETE").is_file()
+    assert (workspace / "models/grpo-checkpoints/step-000001/COMPLETE").is_file()
     assert (workspace / "dvclive/plots/metrics/reward/mean.tsv").is_file()
     report = (workspace / "metrics/report.md").read_text()
     assert "grpo" in report and (workspace / "metrics/report.png").stat().st_size > 0

@@ -11,7 +11,8 @@ import tiny
 import torch
 
 from grpo import config
-from grpo.trainer import COMPLETE, GRPOTrainer, PromptSampler, lr_lambda
+from grpo.checkpoint import COMPLETE
+from grpo.trainer import GRPOTrainer, PromptSampler, lr_lambda
 
 
 class LengthReward:
@@ -56,7 +57,7 @@ def _trainer(tmp_path, cfg, seed=0, **kwargs):
         LengthReward(),
         system="Respond",
         eos_ids=[2],
-        out_dir=tmp_path / "out",
+        checkpoint_dir=tmp_path / "out" / "checkpoints",
         progress=False,
         **kwargs,
     )

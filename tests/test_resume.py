@@ -1,0 +1,173 @@
+"""Reliability of the GRPO loop on a tiny model: a run stopped at any step and resumed from its
+last checkpoint ends exactly where an uninterrupted run ends; SIGTERM saves and stops; a NaN is
+skipped or stops the run without touching the last good checkpoint; stale or half-written
+checkpoints are never resumed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import LengthReward, _cfg, _trainer
+
+from grpo import checkpoint
+from grpo.trainer import Interrupted, NonFiniteError
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs (not even `except Exception`)."""
+
+
+def _metrics(log_dir: Path) -> dict:
+    """Every logged series (the time/ ones aside), read back from DVCLive's TSV files."""
+    out = {}
+    for tsv in sorted((log_dir / "plots" / "metrics").rglob("*.tsv")):
+        name = str(tsv.relative_to(log_dir))
+        if "/time/" not in name:
+            out[name] = tsv.read_text()
+    return out
+
+
+def _run(tmp_path: Path, cfg, *, kill_after: int | None = None, resume: bool = False):
+    """Train; optionally die right after step `kill_after` (before its checkpoint is written);
+    return (trainer, model)."""
+    trainer, model = _trainer(tmp_path, cfg)
+    if kill_after is not None:
+        step = trainer._step
+
+        def dying_step(n, *args):
+            step(n, *args)
+            if n == kill_after:
+                raise Killed
+
+        trainer._step = dying_step
+    found = checkpoint.complete(trainer.checkpoint_dir) if resume else []
+    state = checkpoint.load(found[-1]) if found else None
+    with contextlib.suppress(Killed):
+        trainer.train(tmp_path / "log", {}, resume=state, fingerprint="fp")
+    return trainer, model
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kill_after", "resumed_from"),
+    [
+        # killed during step 3's checkpoint write: step 2 is the last complete one
+        ({"num_steps": 4}, 3, 2),
+        # mid-iteration 2: the saved reference, optimizer and schedule come back
+        ({"num_steps": 2, "num_iterations": 2, "mu": 2, "lr_scheduler": "linear"}, 4, 3),
+        # between two checkpoints: the steps after the last one are redone, no more
+        ({"num_steps": 2, "num_iterations": 2, "save_every": 2}, 4, 2),
+    ],
+    ids=["one-iteration", "mid-second-iteration", "between-checkpoints"],
+)
+def test_resumed_run_ends_identical_to_uninterrupted(tmp_path, overrides, kill_after, resumed_from):
+    cfg = _cfg(**overrides)
+    _, straight = _run(tmp_path / "straight", cfg)
+    _run(tmp_path / "killed", cfg, kill_after=kill_after)
+    assert checkpoint.complete(tmp_path / "killed/out/checkpoints")[-1].name == (
+        f"step-{resumed_from:06d}"
+    )
+    _, resumed = _run(tmp_path / "killed", cfg, resume=True)
+    resumed_state = resumed.state_dict()
+    for name, a in straight.state_dict().items():
+        assert torch.equal(a, resumed_state[name]), name
+    assert _metrics(tmp_path / "killed/log") == _metrics(tmp_path / "straight/log")
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+    cfg = _cfg(num_steps=4, save_every=0)
+    trainer, _ = _trainer(tmp_path, cfg)
+
+    class TermAtStep2(LengthReward):
+        calls = 0
+
+        def score(self, completion, gold):
+            TermAtStep2.calls += 1
+            if TermAtStep2.calls == 7:  # during step 2 (6 completions per step)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().score(completion, gold)
+
+    trainer.reward_fns = TermAtStep2()
+    with pytest.raises(Interrupted, match=r"SIGTERM after step 2 of 4.*dvc repro") as err:
+        trainer.train(tmp_path / "log", {})
+    assert err.value.exit_code == 128 + signal.SIGTERM
+    assert [p.name for p in checkpoint.complete(trainer.checkpoint_dir)] == ["step-000002"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+def _nan_at_step(step: int):
+    class NanReward(LengthReward):
+        calls = 0
+
+        def score(self, completion, gold):
+            NanReward.calls += 1
+            out = super().score(completion, gold)
+            if (NanReward.calls - 1) // 6 + 1 == step:  # 6 completions per step
+                out["correctness"] = math.nan
+            return out
+
+    return NanReward()
+
+
+def test_nonfinite_reward_with_stop_fails_naming_the_step(tmp_path):
+    trainer, _ = _trainer(tmp_path, _cfg(num_steps=3, nonfinite="stop"))
+    trainer.reward_fns = _nan_at_step(2)
+    with pytest.raises(NonFiniteError, match=r"non-finite reward .* at step 2"):
+        trainer.train(tmp_path / "log", {})
+    (good,) = checkpoint.complete(trainer.checkpoint_dir)
+    assert good.name == "step-000001"
+    checkpoint.load(good)  # intact
+
+
+def test_nonfinite_reward_with_skip_drops_that_update_only(tmp_path):
+    trainer, model = _trainer(tmp_path, _cfg(num_steps=3, nonfinite="skip"))
+    trainer.reward_fns = _nan_at_step(2)
+    summary = trainer.train(tmp_path / "log", {})
+    assert summary["nonfinite_skipped"] == 1
+    one, two = (checkpoint.load(p) for p in checkpoint.complete(trainer.checkpoint_dir))
+    for name, before in one.model_state.items():
+        assert torch.equal(two.model_state[name], before), name  # step 2 changed nothing
+    assert any(not torch.equal(p, one.model_state[n]) for n, p in model.state_dict().items())
+    tsv = (tmp_path / "log/plots/metrics/nonfinite_skipped.tsv").read_text().splitlines()
+    assert [float(line.split("\t")[1]) for line in tsv[1:]] == [0.0, 1.0, 1.0]
+
+
+def test_nonfinite_gradient_is_caught(tmp_path):
+    trainer, model = _trainer(tmp_path, _cfg(num_steps=1, nonfinite="stop"))
+    weight = next(p for p in model.parameters() if p.requires_grad)
+    weight.register_hook(lambda g: g * math.nan)
+    with pytest.raises(NonFiniteError, match=r"non-finite (loss|gradient norm) .* at step 1"):
+        trainer.train(tmp_path / "log", {})
+
+
+def test_stale_and_half_written_checkpoints_are_never_resumed(tmp_path):
+    trainer, _ = _trainer(tmp_path, _cfg(num_steps=3))
+    trainer.train(tmp_path / "log", {}, fingerprint="old")
+    folder = trainer.checkpoint_dir
+    assert [p.name for p in checkpoint.complete(folder)] == ["step-000001", "step-000002"]
+    (folder / ".step-000003.tmp.abc").mkdir()  # a write killed before its rename
+    (folder / "step-000004").mkdir()  # no COMPLETE marker
+    latest = checkpoint.resumable(folder, "old")
+    assert latest is not None and latest.name == "step-000002"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000001", "step-000002"]
+    assert checkpoint.resumable(folder, "new") is None  # other params/inputs/code
+    assert list(folder.iterdir()) == []
+
+
+def test_checkpoint_holds_every_state_and_loads_with_weights_only(tmp_path):
+    trainer, _ = _trainer(tmp_path, _cfg(num_steps=3, num_iterations=2, beta=0.04))
+    trainer.train(tmp_path / "log", {}, fingerprint="fp")
+    latest = checkpoint.complete(trainer.checkpoint_dir)[-1]
+    names = {p.name for p in latest.iterdir()}
+    assert {"model.safetensors", "ref.safetensors", "optimizer.pt", "scheduler.pt"} <= names
+    assert {"rng.pt", "state.json", "dvclive", checkpoint.COMPLETE} <= names
+    state = json.loads((latest / "state.json").read_text())
+    assert state["step"] == 5 and state["iteration"] == 1 and state["fingerprint"] == "fp"
+    assert len(state["history"]) == 5
+    assert not list(latest.glob("*.bin"))
