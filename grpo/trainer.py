@@ -219,6 +219,7 @@ class GRPOTrainer:
         self.eos_ids = list(eos_ids)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.skipped = 0  # updates dropped for a non-finite reward, loss or gradient
+        self.nonfinite = cfg.nonfinite  # read up front: it decides only when a fault happens
         self._signal: int | None = None
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
@@ -398,7 +399,7 @@ class GRPOTrainer:
     def _nonfinite_update(self, fault: str, step: int, optimizer, scheduler, updates: int):
         """Drop the step's remaining `updates` (the schedule still advances), or stop."""
         optimizer.zero_grad(set_to_none=True)
-        if self.cfg.nonfinite == "stop":
+        if self.nonfinite == "stop":
             raise NonFiniteError(
                 f"train: non-finite {fault} at step {step}; the last checkpoint in "
                 f"{self.checkpoint_dir} is intact. Lower train.learning_rate or "

@@ -7,16 +7,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import tiny
+import torch
 import yaml
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
-COPY = ["dvc.yaml", "params.yaml", "stages", "grpo", ".dvc/config", ".dvc/.gitignore"]
+COPY = [
+    "dvc.yaml",
+    "params.yaml",
+    "stages",
+    "grpo",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "models/.gitignore",
+]
 
 
 def _env(work: Path) -> dict[str, str]:
@@ -75,6 +87,10 @@ def workspace(tmp_path_factory) -> Path:
             "num_generations": 2,
             "max_completion_length": 8,
             "save_every": 1,
+            # random models earn no reward (zero advantages, zero gradient): decoupled weight
+            # decay makes every step change the weights, so outputs depend on the train params
+            "weight_decay": 0.1,
+            "learning_rate": 1e-3,
         },
     )
     run(work, "git", "init", "-q")
@@ -182,5 +198,53 @@ def test_exp_run_with_two_processes_launches_torchrun_and_logs_once(workspace):
         steps = (workspace / "dvclive/plots/metrics/reward/mean.tsv").read_text().splitlines()
         assert len(steps) == 1 + 2  # header + one row per step, written by rank 0 only
         assert (workspace / "models/grpo/model.safetensors").is_file()
+    finally:
+        (workspace / "params.yaml").write_text(original)
+
+
+def test_sigkill_mid_training_then_repro_resumes_to_the_same_weights(workspace):
+    """Kill `dvc repro` (and the train stage under it) with SIGKILL after a few steps; the next
+    `dvc repro` resumes from the last complete checkpoint and ends with the weights and metrics
+    of an uninterrupted run."""
+    original = (workspace / "params.yaml").read_text()
+    ckpts = workspace / "models/grpo-checkpoints"
+    metrics_dir = workspace / "dvclive/plots/metrics"
+    try:
+        edit_params(workspace, train={"num_steps": 8, "save_every": 1})
+        run(workspace, "dvc", "repro", "train")
+        straight = load_file(workspace / "models/grpo/model.safetensors")
+        straight_log = {p.name: p.read_text() for p in metrics_dir.glob("reward/*.tsv")}
+
+        shutil.rmtree(ckpts)  # else the forced rerun would resume from the finished run
+        proc = subprocess.Popen(
+            ["dvc", "repro", "-f", "train"],
+            cwd=workspace,
+            env=_env(workspace),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 300
+        while not (ckpts / "step-000003" / "COMPLETE").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (workspace / "models/grpo/model.safetensors").exists()
+        saved = [p.name for p in ckpts.glob("step-*") if (p / "COMPLETE").exists()]
+        assert "step-000008" not in saved and len(saved) >= 1
+
+        out = run(workspace, "dvc", "repro")
+        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+        assert "train" in ran
+        assert "resuming from" in out
+        resumed = load_file(workspace / "models/grpo/model.safetensors")
+        assert resumed.keys() == straight.keys()
+        start = load_file(workspace / "models/sft/model.safetensors")
+        assert any(not torch.equal(start[k], straight[k]) for k in start), "training was a no-op"
+        for name, tensor in straight.items():
+            assert torch.equal(resumed[name], tensor), name
+        assert {p.name: p.read_text() for p in metrics_dir.glob("reward/*.tsv")} == straight_log
     finally:
         (workspace / "params.yaml").write_text(original)
