@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 import pytest
 import tiny
@@ -57,6 +58,7 @@ def test_lora_training_saves_a_loadable_model(
         model=str(tiny_model_dir),
         data=str(records_file),
         out=str(tmp_path / "grpo"),
+        checkpoints=str(tmp_path / "checkpoints"),
         log_dir=str(tmp_path / "log"),
     )
     train_stage.train(params, args, distributed.Dist(), "ddp")
@@ -79,3 +81,37 @@ def test_lora_freezes_the_base_weights(tiny_model_dir):
     peft_model = model.add_lora(lm, 4, 8.0, ["q_proj", "v_proj"])
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_lora_run_resumes_from_its_checkpoint(
+    tmp_path, tiny_model_dir, records_file, monkeypatch, caplog
+):
+    """A rerun of the stage with the same params, inputs and code resumes from the checkpoint
+    (adapters, base and optimizer state restored) and saves the same merged model."""
+    monkeypatch.setattr(train_stage, "RewardFunctions", lambda cfg: LengthReward())
+    raw = config.default_params_dict()
+    raw["model"].update(lora_rank=4, lora_alpha=8.0)
+    raw["train"].update(
+        num_steps=3,
+        batch_size=2,
+        num_generations=2,
+        max_completion_length=6,
+        save_every=2,
+        learning_rate=1e-2,
+    )
+    args = argparse.Namespace(
+        model=str(tiny_model_dir),
+        data=str(records_file),
+        out=str(tmp_path / "grpo"),
+        checkpoints=str(tmp_path / "checkpoints"),
+        log_dir=str(tmp_path / "log"),
+    )
+    train_stage.train(Params.from_dict(raw), args, distributed.Dist(), "ddp")
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "grpo").state_dict()
+    assert (tmp_path / "checkpoints" / "step-000002" / "COMPLETE").exists()
+    with caplog.at_level(logging.INFO, logger="grpo.trainer"):
+        train_stage.train(Params.from_dict(raw), args, distributed.Dist(), "ddp")
+    assert "step-000002 (step 2)" in caplog.text  # resumed, not restarted
+    second = AutoModelForCausalLM.from_pretrained(tmp_path / "grpo").state_dict()
+    for name, tensor in first.items():
+        assert torch.equal(second[name], tensor), name
