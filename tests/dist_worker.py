@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch
 from test_trainer import _cfg, _trainer
 
-from grpo import distributed
+from grpo import checkpoint, distributed
 
 
 def main() -> None:
@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--iterations", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--resume-from", type=Path, help="a checkpoint folder to resume from")
     args = p.parse_args()
     faulthandler.dump_traceback_later(300, exit=True)  # a hang becomes a traceback
     torch.set_num_threads(1)
@@ -40,7 +42,7 @@ def main() -> None:
         batch_size=4,
         num_generations=2,
         micro_batch_size=2,
-        save_every=0,
+        save_every=args.save_every,
         loss_type=args.loss_type,
         mu=args.mu,
         beta=args.beta,
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace, cfg, d: distributed.Dist) -> None:
         full = sum(p.numel() for p in trainer.ref.parameters())
         local = sum(p.to_local().numel() for p in trainer.ref.parameters())
         assert local < full, (local, full)
-    trainer.train(args.out / "log", {})
+    resume = checkpoint.load(args.resume_from) if args.resume_from else None
+    trainer.train(args.out / "log", {}, resume=resume)
     state = trainer.final_state_dict()
     if d.is_main:
         torch.save(state, args.out / "params.pt")

@@ -71,6 +71,18 @@ def test_two_processes_match_one(tmp_path, args):
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-3, abs=1e-7)
 
 
+def test_checkpoint_of_one_process_resumes_under_fsdp_on_two(tmp_path):
+    """Checkpoints are full and keyed by name: a 1-process run's step-1 checkpoint resumes
+    under 2-process FSDP (optimizer state resharded) and ends where the 1-process run ends."""
+    one = _run(tmp_path / "one", 1, "--steps", "3", "--save-every", "1")
+    ckpt = tmp_path / "one" / "out" / "checkpoints" / "step-000001"
+    two = _run(
+        tmp_path / "two", 2, "--strategy", "fsdp", "--steps", "3", "--resume-from", str(ckpt)
+    )
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_torchrun_command_defaults_to_standalone(monkeypatch):
     for var in distributed.RENDEZVOUS_ENV:
         monkeypatch.delenv(var, raising=False)
