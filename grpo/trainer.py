@@ -146,7 +146,7 @@ class MetricsLogger:
                 project=project,
                 mode=mode,
                 config=dict(run_config),
-                dir=str(log_dir),
+                dir=str(Path(log_dir).parent),  # beside the DVCLive folder, not inside it
                 id=wandb_id,
                 resume="allow" if wandb_id else None,
             )

@@ -171,3 +171,14 @@ def test_checkpoint_holds_every_state_and_loads_with_weights_only(tmp_path):
     assert state["step"] == 5 and state["iteration"] == 1 and state["fingerprint"] == "fp"
     assert len(state["history"]) == 5
     assert not list(latest.glob("*.bin"))
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = _cfg(num_steps=3, wandb="offline")
+    trainer, _ = _run(tmp_path, cfg, kill_after=2)
+    first_id = trainer.logger.wandb_id
+    (latest,) = checkpoint.complete(trainer.checkpoint_dir)
+    assert json.loads((latest / "state.json").read_text())["wandb_id"] == first_id
+    resumed, _ = _run(tmp_path, cfg, resume=True)
+    assert first_id and resumed.logger.wandb_id == first_id
