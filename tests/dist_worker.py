@@ -19,6 +19,7 @@ import torch
 from test_trainer import _cfg, _trainer
 
 from grpo import checkpoint, distributed
+from grpo.trainer import Interrupted
 
 
 def main() -> None:
@@ -62,7 +63,11 @@ def run(args: argparse.Namespace, cfg, d: distributed.Dist) -> None:
         local = sum(p.to_local().numel() for p in trainer.ref.parameters())
         assert local < full, (local, full)
     resume = checkpoint.load(args.resume_from) if args.resume_from else None
-    trainer.train(args.out / "log", {}, resume=resume)
+    try:
+        trainer.train(args.out / "log", {}, resume=resume)
+    except Interrupted as err:
+        print(f"rank {d.rank}: {err}", flush=True)
+        raise SystemExit(err.exit_code) from None
     state = trainer.final_state_dict()
     if d.is_main:
         torch.save(state, args.out / "params.pt")

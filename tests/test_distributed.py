@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import tiny
 import torch
 
-from grpo import distributed
+from grpo import checkpoint, distributed
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 REPO = Path(__file__).resolve().parent.parent
@@ -81,6 +83,28 @@ def test_checkpoint_of_one_process_resumes_under_fsdp_on_two(tmp_path):
     )
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sigterm_to_torchrun_saves_one_checkpoint_and_stops_every_rank(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["--out", str(tmp_path), "--steps", "50", "--save-every", "100"]
+    proc = subprocess.Popen(
+        [*cmd, str(WORKER), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    log = tmp_path / "log" / "plots" / "metrics" / "loss.tsv"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):  # 2 steps logged
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode != 0
+    assert "rank 0: train: stopped by SIGTERM" in out and "rank 1: train: stopped by SIGTERM" in out
+    (saved,) = checkpoint.complete(tmp_path / "out" / "checkpoints")
+    state = json.loads((saved / "state.json").read_text())
+    assert 2 <= state["step"] < 50 and state["world_size"] == 2
 
 
 def test_torchrun_command_defaults_to_standalone(monkeypatch):
