@@ -183,6 +183,8 @@ def test_train_param_change_reruns_train_and_downstream_only(workspace):
         out = run(workspace, "dvc", "repro")
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
         assert ran == {"train", "evaluate@grpo", "report"}
+        # the checkpoints of the previous run are stale now: a fresh run, not a resume
+        assert "starting a fresh run" in out and "resuming from" not in out
     finally:
         (workspace / "params.yaml").write_text(original)
         run(workspace, "dvc", "repro")
