@@ -18,7 +18,7 @@ from grpo.config import Params
 from stages import train as train_stage
 
 
-def _params(**model_keys) -> Params:
+def _params(train=None, **model_keys) -> Params:
     raw = config.default_params_dict()
     raw["model"].update(lora_rank=4, lora_alpha=8.0, **model_keys)
     raw["train"].update(
@@ -30,7 +30,18 @@ def _params(**model_keys) -> Params:
         save_every=0,
         learning_rate=1e-2,
     )
+    raw["train"].update(train or {})
     return Params.from_dict(raw)
+
+
+def _args(tmp_path, model_dir, records_file) -> argparse.Namespace:
+    return argparse.Namespace(
+        model=str(model_dir),
+        data=str(records_file),
+        out=str(tmp_path / "grpo"),
+        checkpoints=str(tmp_path / "checkpoints"),
+        log_dir=str(tmp_path / "log"),
+    )
 
 
 @pytest.fixture
@@ -54,14 +65,9 @@ def test_lora_training_saves_a_loadable_model(
 ):
     monkeypatch.setattr(train_stage, "RewardFunctions", lambda cfg: LengthReward())
     params = _params(lora_save=save)
-    args = argparse.Namespace(
-        model=str(tiny_model_dir),
-        data=str(records_file),
-        out=str(tmp_path / "grpo"),
-        checkpoints=str(tmp_path / "checkpoints"),
-        log_dir=str(tmp_path / "log"),
+    train_stage.train(
+        params, _args(tmp_path, tiny_model_dir, records_file), distributed.Dist(), "ddp"
     )
-    train_stage.train(params, args, distributed.Dist(), "ddp")
     out = tmp_path / "grpo"
     if save == "merged":
         assert not (out / model.ADAPTER_CONFIG).exists()
@@ -89,28 +95,13 @@ def test_lora_run_resumes_from_its_checkpoint(
     """A rerun of the stage with the same params, inputs and code resumes from the checkpoint
     (adapters, base and optimizer state restored) and saves the same merged model."""
     monkeypatch.setattr(train_stage, "RewardFunctions", lambda cfg: LengthReward())
-    raw = config.default_params_dict()
-    raw["model"].update(lora_rank=4, lora_alpha=8.0)
-    raw["train"].update(
-        num_steps=3,
-        batch_size=2,
-        num_generations=2,
-        max_completion_length=6,
-        save_every=2,
-        learning_rate=1e-2,
-    )
-    args = argparse.Namespace(
-        model=str(tiny_model_dir),
-        data=str(records_file),
-        out=str(tmp_path / "grpo"),
-        checkpoints=str(tmp_path / "checkpoints"),
-        log_dir=str(tmp_path / "log"),
-    )
-    train_stage.train(Params.from_dict(raw), args, distributed.Dist(), "ddp")
+    params = _params(train={"num_steps": 3, "save_every": 2})
+    args = _args(tmp_path, tiny_model_dir, records_file)
+    train_stage.train(params, args, distributed.Dist(), "ddp")
     first = AutoModelForCausalLM.from_pretrained(tmp_path / "grpo").state_dict()
     assert (tmp_path / "checkpoints" / "step-000002" / "COMPLETE").exists()
     with caplog.at_level(logging.INFO, logger="grpo.trainer"):
-        train_stage.train(Params.from_dict(raw), args, distributed.Dist(), "ddp")
+        train_stage.train(params, args, distributed.Dist(), "ddp")
     assert "step-000002 (step 2)" in caplog.text  # resumed, not restarted
     second = AutoModelForCausalLM.from_pretrained(tmp_path / "grpo").state_dict()
     for name, tensor in first.items():
