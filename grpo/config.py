@@ -55,9 +55,17 @@ class _Section:
         return {f.name: object.__getattribute__(self, f.name) for f in dataclasses.fields(self)}
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
+FIX = "fix it in params.yaml"
+
+
+def _error(key: str, msg: str, fix: str = FIX) -> ConfigError:
+    """The one-line error for `key`: what is wrong, then how to fix it."""
+    return ConfigError(f"params.yaml: {key}: {msg}; {fix}")
+
+
+def _check(cond: bool, key: str, msg: str, fix: str = FIX) -> None:
     if not cond:
-        raise ConfigError(f"params.yaml: {key}: {msg}")
+        raise _error(key, msg, fix)
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,12 @@ class DataConfig(_Section):
     """Seed of the train shuffle and the eval subset."""
 
     def validate(self) -> None:
-        _check(bool(self.hub_id) or bool(self.mirrors), "data", "set hub_id or mirrors")
+        _check(
+            bool(self.hub_id) or bool(self.mirrors),
+            "data",
+            "no source: hub_id is empty and mirrors is []",
+            "set data.hub_id or add a folder to data.mirrors",
+        )
         for key in ("train_size", "eval_size"):
             value = getattr(self, key)
             _check(value is None or value > 0, f"data.{key}", f"must be > 0 or null, got {value}")
@@ -261,8 +274,13 @@ class TrainConfig(_Section):
             "train.num_generations",
             f"must be >= 2 (got {self.num_generations}): with one completion per prompt every "
             f"group-relative advantage is zero",
+            "set it to 2 or more",
         )
-        _check(self.max_completion_length >= 1, "train.max_completion_length", "must be >= 1")
+        _check(
+            self.max_completion_length >= 1,
+            "train.max_completion_length",
+            f"must be >= 1, got {self.max_completion_length}",
+        )
         _check(self.temperature > 0, "train.temperature", "must be > 0 (rollouts sample)")
         _check(0 < self.top_p <= 1, "train.top_p", "must be in (0, 1]")
         _check(self.top_k >= 0, "train.top_k", "must be >= 0")
@@ -282,6 +300,7 @@ class TrainConfig(_Section):
                 self.batch_size % nproc == 0,
                 "train.batch_size",
                 f"{self.batch_size} prompts do not split evenly over nproc_per_node={nproc}",
+                f"use a multiple of {nproc}, or change train.nproc_per_node",
             )
 
 
@@ -317,13 +336,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError:
                 continue
-        raise ConfigError(
-            f"params.yaml: {key}: expected {' or '.join(map(_type_name, args))}, got {value!r}"
-        )
+        raise _error(key, f"expected {' or '.join(map(_type_name, args))}, got {value!r}")
     if origin is Literal:
         if value in args:
             return value
-        raise ConfigError(f"params.yaml: {key}: must be one of {list(args)}, got {value!r}")
+        raise _error(key, f"must be one of {list(args)}, got {value!r}", "use one of those")
     if origin is list:
         _check(isinstance(value, list), key, f"expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
@@ -342,7 +359,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"params.yaml: {key}: expected a number, got {value!r}")
+        raise _error(key, f"expected a number, got {value!r}", "write a number such as 3.0e-5")
     if tp is str:
         _check(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value
@@ -357,8 +374,8 @@ def _build(cls: type[_Section], raw: Any) -> _Section:
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{name}.{close[0]}'?" if close else ""
-            raise ConfigError(f"params.yaml: unknown key '{name}.{key}'{hint}")
+            fix = f"did you mean '{name}.{close[0]}'? rename it" if close else "remove it"
+            raise ConfigError(f"params.yaml: unknown key '{name}.{key}'; {fix}")
     missing = [f for f in fields if f not in raw]
     if missing:
         raise ConfigError(f"params.yaml: missing key '{name}.{missing[0]}'; add it to params.yaml")
@@ -390,10 +407,10 @@ class Params:
         for key in raw:
             if key not in SECTIONS:
                 close = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"params.yaml: unknown section '{key}'{hint}")
+                fix = f"did you mean '{close[0]}'? rename it" if close else "remove it"
+                raise ConfigError(f"params.yaml: unknown section '{key}'; {fix}")
         for key in SECTIONS:
-            _check(key in raw, key, "missing section; add it to params.yaml")
+            _check(key in raw, key, "missing section", "add it to params.yaml")
         return cls(**{key: _build(sec, raw[key]) for key, sec in SECTIONS.items()})
 
 
@@ -403,11 +420,14 @@ def load(path: str | Path) -> Params:
     try:
         text = path.read_text()
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read params file ({err.strerror})") from err
+        raise ConfigError(
+            f"{path}: cannot read params file ({err.strerror}); check the --params path"
+        ) from err
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first}); fix the YAML syntax") from err
     return Params.from_dict(raw)
 
 

@@ -1,10 +1,10 @@
 """GSM8K rows, gold-answer parsing, prompts, SFT targets and JSON/JSONL file I/O.
 
-Owns what a valid GSM8K row is (a non-empty string `question`, and an `answer` whose text after
-the last "####" is a number), the prepared record format
-``{"id", "question", "solution", "gold"}``, the chat messages a question becomes, the SFT
-target a reference solution becomes, and the rule that a JSON output file is either complete or
-absent (written to a temporary file beside it, fsynced, then renamed into place).
+Owns what a valid GSM8K row is (a non-empty string `question`, asked once per split, and an
+`answer` whose text after the last "####" is a number), the prepared record format
+``{"id", "question", "solution", "gold"}`` (ids unique), the chat messages a question becomes,
+the SFT target a reference solution becomes, and the rule that a JSON output file is either
+complete or absent (written to a temporary file beside it, fsynced, then renamed into place).
 
 Bad input raises `DataError`, whose one-line message names the file and line (or the dataset and
 row) and the fix.
@@ -119,9 +119,22 @@ def read_gsm8k_jsonl(path: str | Path) -> list[dict[str, str]]:
     `DataError` naming the file and line.
     """
     path = Path(path)
-    rows = [_check_row(obj, f"{path}:{lineno}", _FIX_LINE) for lineno, obj in _json_lines(path)]
+    rows, first_line = [], {}
+    for lineno, obj in _json_lines(path):
+        row = _check_row(obj, f"{path}:{lineno}", _FIX_LINE)
+        question = row["question"].strip()
+        if question in first_line:
+            raise DataError(
+                f"{path}:{lineno}: duplicate of line {first_line[question]} (same question); "
+                f"remove one of them"
+            )
+        first_line[question] = lineno
+        rows.append(row)
     if not rows:
-        raise DataError(f"{path}: no rows; expected one JSON object per line")
+        raise DataError(
+            f"{path}: no rows; write one JSON object {{question, answer}} per line, or point "
+            f"data.mirrors at the official files"
+        )
     return rows
 
 
@@ -133,7 +146,17 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], source: str) -> list[dict[s
     ...
     grpo.data.DataError: hub/train: row 1: missing 'answer'; fix or drop the row
     """
-    checked = [_check_row(row, f"{source}: row {i}", _FIX_ROW) for i, row in enumerate(rows)]
+    checked, first_row = [], {}
+    for i, raw in enumerate(rows):
+        row = _check_row(raw, f"{source}: row {i}", _FIX_ROW)
+        question = row["question"].strip()
+        if question in first_row:
+            raise DataError(
+                f"{source}: row {i}: duplicate of row {first_row[question]} (same question); "
+                f"drop one of them"
+            )
+        first_row[question] = i
+        checked.append(row)
     if not checked:
         raise DataError(f"{source}: no rows; check the dataset name, config and split")
     return checked
@@ -183,13 +206,25 @@ def build_messages(question: str, system: str) -> list[dict[str, str]]:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file, one per non-blank line; DataError naming file:line."""
+    """The JSON objects of a JSONL file, one per non-blank line; DataError naming file:line.
+
+    String `id`s, where objects have them, must be unique (records and predictions are keyed
+    by id).
+    """
     path = Path(path)
-    rows = []
+    rows, first_line = [], {}
     for lineno, obj in _json_lines(path):
         if not isinstance(obj, dict):
             kind = type(obj).__name__
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {kind}; {_FIX_LINE}")
+        key = obj.get("id")
+        if isinstance(key, str):
+            if key in first_line:
+                raise DataError(
+                    f"{path}:{lineno}: duplicate id {_short(key)} (first on line "
+                    f"{first_line[key]}); remove or rename one of them"
+                )
+            first_line[key] = lineno
         rows.append(obj)
     return rows
 

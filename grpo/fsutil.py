@@ -1,6 +1,7 @@
 """Atomic outputs: a folder is written under a temporary name and renamed into place.
 
-Owns the rule that no stage ever leaves a half-written output behind.
+Owns the rule that no stage ever leaves a half-written output behind, and that a stage checks
+its output locations can be written before its long work starts (`check_writable`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,36 @@ from pathlib import Path
 from typing import IO, Any
 
 from grpo.errors import UserError
+
+
+def _unwritable(path: Path, err: OSError) -> UserError:
+    return UserError(
+        f"{path}: cannot write the output ({err.strerror}: {err.filename}); make its parent a "
+        f"writable folder or choose another output path"
+    )
+
+
+def check_writable(*paths: str | Path) -> None:
+    """Fail at once, with a UserError naming the path, when an output file or folder cannot be
+    created: its parent folders are created and a scratch file is written and removed there.
+
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> (root / "file").write_text("x")
+    1
+    >>> check_writable(root / "a" / "out.json")
+    >>> check_writable(root / "file" / "out.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    grpo.errors.UserError: .../file/out.json: cannot write the output (...); make its parent ...
+    """
+    for path in map(Path, paths):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+        except OSError as err:
+            raise _unwritable(path, err) from err
 
 
 @contextmanager
@@ -33,7 +64,7 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
     except OSError as err:
-        raise UserError(f"{out_dir}: cannot write the output folder ({err.strerror})") from err
+        raise _unwritable(out_dir, err) from err
     try:
         yield tmp
         if out_dir.exists():
@@ -53,10 +84,13 @@ def atomic_write(
     the complete new file or whatever it was before.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 so the file gets the usual umask-derived mode (mkstemp would give 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open with 0o666 so the file gets the usual umask-derived mode (mkstemp: 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as err:
+        raise _unwritable(path, err) from err
     try:
         mode = {"mode": "wb"} if binary else {"mode": "w", "encoding": "utf-8", "newline": "\n"}
         with os.fdopen(fd, **mode) as handle:

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from grpo.config import DataConfig
 from grpo.data import DataError, make_record, read_gsm8k_jsonl, sha256_file, validate_rows
+from grpo.hub import hub_unreachable
 
 SPLITS = ("train", "test")
-_TRUE = {"1", "true", "yes", "on"}
 
 
 @dataclass
@@ -34,20 +31,6 @@ class RawGSM8K:
     source: str
     sha256: dict[str, str]
     notes: list[str] = field(default_factory=list)
-
-
-def hub_reachable(timeout: float = 5.0) -> tuple[bool, str]:
-    """Can the hub be reached? Offline env vars say no at once; else a quick TCP connect."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").lower() in _TRUE:
-            return False, f"{var} is set"
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True, ""
-    except OSError as err:
-        return False, f"{host}:{port} unreachable ({err})"
 
 
 def _rows_sha256(rows: list[dict[str, str]]) -> str:
@@ -87,8 +70,8 @@ def fetch(cfg: DataConfig) -> RawGSM8K:
     notes: list[str] = []
     hub_id, hub_config, mirrors = cfg.hub_id, cfg.hub_config, cfg.mirrors
     if hub_id:
-        ok, why = hub_reachable()
-        if ok:
+        why = hub_unreachable()
+        if why is None:
             try:
                 return _from_hub(hub_id, hub_config)
             except OSError as err:  # ConnectionError, missing dataset, HTTP errors
@@ -113,7 +96,8 @@ def split_records(raw: RawGSM8K, cfg: DataConfig) -> tuple[list[dict], list[dict
     eval_n = len(test_rows) if cfg.eval_size is None else cfg.eval_size
     if eval_n > len(test_rows):
         raise DataError(
-            f"params.yaml: data.eval_size: {eval_n} exceeds the {len(test_rows)} test problems"
+            f"params.yaml: data.eval_size: {eval_n} exceeds the {len(test_rows)} test problems "
+            f"of {raw.source}; set it to at most {len(test_rows)} or null"
         )
     eval_idx = sorted(random.Random(cfg.seed).sample(range(len(test_rows)), eval_n))
     eval_records = [make_record("test", i, test_rows[i]) for i in eval_idx]
@@ -124,16 +108,20 @@ def split_records(raw: RawGSM8K, cfg: DataConfig) -> tuple[list[dict], list[dict
     random.Random(cfg.seed).shuffle(order)
     kept = [i for i in order if train_rows[i]["question"].strip() not in test_questions]
     dropped = len(order) - len(kept)
+    if not kept:
+        raise DataError(
+            f"{raw.source}: all {dropped} train questions also occur in the test split, so no "
+            f"train problem is left; check that train.jsonl holds the official train split"
+        )
     if cfg.train_size is not None:
         if cfg.train_size > len(kept):
             raise DataError(
                 f"params.yaml: data.train_size: {cfg.train_size} exceeds the {len(kept)} "
-                f"train problems available"
+                f"train problems of {raw.source} ({dropped} dropped as test questions); "
+                f"set it to at most {len(kept)} or null"
             )
         kept = kept[: cfg.train_size]
     train_records = [make_record("train", i, train_rows[i]) for i in kept]
-    if not train_records or not eval_records:
-        raise DataError("params.yaml: data: a split is empty after filtering; check data.*_size")
     counts = {
         "train_rows_read": len(train_rows),
         "test_rows_read": len(test_rows),

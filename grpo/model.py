@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -31,6 +32,7 @@ from transformers import (
 
 from grpo.errors import UserError
 from grpo.fsutil import atomic_dir
+from grpo.hub import hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +83,15 @@ def resolve_source(name: str, revision: str) -> ModelSource:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelError(f"model.name: GGUF file '{name}' does not exist")
+            raise ModelError(f"model.name: GGUF file '{name}' does not exist; check the path")
         return ModelSource("gguf", str(path.parent), path.name)
     if path.is_dir():
-        check_model_dir(path)
+        check_model_dir(path, fix="add them, or set model.name to a complete model folder")
         return ModelSource("dir", str(path))
     if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
         raise ModelError(
             f"model.name: '{name}' is neither an existing folder, a .gguf file nor a hub id "
-            f"(org/name)"
+            f"(org/name); check the path or the id"
         )
     return ModelSource("hub", name, revision=revision)
 
@@ -97,21 +99,21 @@ def resolve_source(name: str, revision: str) -> ModelSource:
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def check_model_dir(path: str | Path) -> None:
-    """Fail clearly when a folder is not a transformers model (or LoRA adapter) folder."""
+RERUN = "rerun the stage that writes it (dvc repro)"
+
+
+def check_model_dir(path: str | Path, fix: str = RERUN) -> None:
+    """Fail clearly when a folder is not a transformers model (or LoRA adapter) folder; the
+    message ends with `fix` (default: rerun the stage that writes the folder)."""
     path = Path(path)
     if (path / ADAPTER_CONFIG).is_file():
         if not (path / "adapter_model.safetensors").is_file():
-            raise ModelError(f"{path}: adapter folder without adapter_model.safetensors")
+            raise ModelError(f"{path}: adapter folder without adapter_model.safetensors; {fix}")
         return
     if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: no config.json, not a transformers model folder")
-    weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
-    if not weights:
-        raise ModelError(
-            f"{path}: no weights (*.safetensors) in the model folder; rerun the stage that "
-            f"writes it (dvc repro)"
-        )
+        raise ModelError(f"{path}: no config.json, not a transformers model folder; {fix}")
+    if not list(path.glob("*.safetensors")):
+        raise ModelError(f"{path}: no weights (*.safetensors) in the model folder; {fix}")
 
 
 def pick_dtype(name: str) -> torch.dtype:
@@ -137,23 +139,50 @@ def pick_attention(name: str) -> str:
 
 
 def _load_kwargs(source: ModelSource, trust_remote_code: bool) -> dict[str, Any]:
+    """from_pretrained options; an unreachable hub means the local cache only (fails at once
+    instead of after tens of seconds of connection retries)."""
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     if source.kind == "hub":
         kwargs["revision"] = source.revision
+        if hub_unreachable() is not None:
+            kwargs["local_files_only"] = True
     return kwargs
 
 
 def _wrap_load_error(source: ModelSource, err: Exception) -> ModelError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if source.kind == "hub":
+        offline = hub_unreachable()
+        if offline is not None:
+            return ModelError(
+                f"model.name: '{source.location}' is not in the local Hugging Face cache and the "
+                f"hub cannot be reached ({offline}); connect to the hub, or set model.name to a "
+                f"local folder or .gguf file"
+            )
         return ModelError(
             f"model.name: cannot load '{source.location}' from the Hugging Face hub ({first}); "
-            f"check the id and network, or set model.name to a local folder or .gguf file"
+            f"check the id, or set model.name to a local folder or .gguf file"
         )
     where = Path(source.location) / (source.gguf_file or "")
-    return ModelError(f"{where}: cannot load the model ({first})")
+    if source.gguf_file:
+        fix = "set model.name to a model of an architecture transformers reads from GGUF"
+    else:
+        where = _unreadable_weights(where) or where
+        fix = "re-create or re-download it"
+    return ModelError(f"{where}: cannot load the model ({first[:200]}); {fix}")
+
+
+def _unreadable_weights(folder: Path) -> Path | None:
+    """The first *.safetensors file of `folder` whose header cannot be read, if any."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return path
+    return None
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -196,6 +225,8 @@ def load_model(
         from peft import AutoPeftModelForCausalLM  # a LoRA adapter on top of its base model
 
         auto = AutoPeftModelForCausalLM
+    elif not source.gguf_file:
+        kwargs["use_safetensors"] = True  # never unpickle weights
     try:
         model = auto.from_pretrained(
             source.location,
@@ -203,7 +234,7 @@ def load_model(
             attn_implementation=pick_attention(attn_implementation),
             **kwargs,
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise _wrap_load_error(source, err) from err
     clear_quantizer(model)
     return model

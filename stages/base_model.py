@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from grpo import config, model
+from grpo.fsutil import check_writable
 from stages import _cli
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 def main(args) -> None:
     params = config.load(args.params)
+    check_writable(args.out)
     source = model.resolve_source(params.model.name, params.model.revision)
     info = model.materialize(source, args.out, trust_remote_code=params.model.trust_remote_code)
     log.info("%s -> %s (%d parameters)", params.model.name, args.out, info["num_parameters"])

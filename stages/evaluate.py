@@ -15,6 +15,7 @@ import logging
 from grpo import config, model
 from grpo.data import read_jsonl, write_json_atomic, write_jsonl_atomic
 from grpo.evaluate import evaluate
+from grpo.fsutil import check_writable
 from stages import _cli
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 def main(args) -> None:
     params = config.load(args.params)
+    check_writable(args.metrics, args.predictions)
     records = read_jsonl(args.data)
     source = model.ModelSource("dir", args.model)
     tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)

@@ -12,7 +12,7 @@ import json
 import logging
 
 from grpo import config, gsm8k
-from grpo.fsutil import atomic_dir
+from grpo.fsutil import atomic_dir, check_writable
 from stages import _cli
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 def main(args) -> None:
     params = config.load(args.params)
+    check_writable(args.out)
     raw = gsm8k.fetch(params.data)
     train, evals, counts = gsm8k.split_records(raw, params.data)
     meta = {"source": raw.source, "sha256": raw.sha256, "notes": raw.notes, "counts": counts}

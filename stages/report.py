@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from grpo.errors import UserError
+from grpo.fsutil import check_writable
 from grpo.report import write_report
 from stages import _cli
 
@@ -48,6 +49,7 @@ def main(args: argparse.Namespace) -> None:
     labels = [label for label, _, _ in args.model]
     if len(set(labels)) != len(labels):
         raise UserError(f"--model labels repeat ({', '.join(labels)}); give each model once")
+    check_writable(args.md, args.png)
     write_report(
         metrics_paths={label: metrics for label, metrics, _ in args.model},
         predictions_paths={label: predictions for label, _, predictions in args.model},

@@ -14,7 +14,7 @@ import shutil
 
 from grpo import config, model
 from grpo.data import read_jsonl
-from grpo.fsutil import atomic_dir
+from grpo.fsutil import atomic_dir, check_writable
 from grpo.sft import train_sft
 from stages import _cli
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 def main(args) -> None:
     params = config.load(args.params)
+    check_writable(args.out)
     source = model.ModelSource("dir", args.model)
     if not params.sft.enabled:
         model.check_model_dir(args.model)

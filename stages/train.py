@@ -30,6 +30,7 @@ from pathlib import Path
 from grpo import checkpoint, config, distributed, model
 from grpo.data import read_jsonl, sha256_file
 from grpo.errors import UserError
+from grpo.fsutil import check_writable
 from grpo.rewards import RewardFunctions
 from grpo.trainer import GRPOTrainer
 from stages import _cli
@@ -84,6 +85,9 @@ def main(args) -> None:
     params = config.load(args.params)
     cfg = params.train
     nproc, strategy = distributed.resolve_nproc(cfg.nproc_per_node), cfg.strategy
+    if "LOCAL_RANK" not in os.environ:  # the launcher (or the only process) checks, once
+        check_batch_split(cfg.batch_size, nproc)
+        check_writable(args.out, args.checkpoints, args.log_dir)
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         launch(nproc)
         return
@@ -94,13 +98,19 @@ def main(args) -> None:
         distributed.shutdown()
 
 
+def check_batch_split(batch_size: int, processes: int) -> None:
+    """train.batch_size prompts must split into whole prompts per process."""
+    if batch_size % processes:
+        raise UserError(
+            f"params.yaml: train.batch_size: {batch_size} prompts do not split evenly over "
+            f"{processes} processes; use a multiple of {processes}, or change "
+            f"train.nproc_per_node"
+        )
+
+
 def train(params, args, d: distributed.Dist, strategy: str) -> None:
     cfg = params.train
-    if cfg.batch_size % d.world:
-        raise UserError(
-            f"params.yaml: train.batch_size: {cfg.batch_size} prompts do not split evenly over "
-            f"{d.world} processes; use a multiple of {d.world}"
-        )
+    check_batch_split(cfg.batch_size, d.world)
     records = read_jsonl(args.data)
     source = model.ModelSource("dir", args.model)
     tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)

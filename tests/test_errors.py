@@ -1,0 +1,321 @@
+"""Bad input: every case ends its stage with exit code 2 and ONE line on stderr that names the
+file or params key and says how to fix it, and leaves nothing behind in the folder it writes to.
+
+One table of cases (data, params, model, disk), each built in a temporary folder and run through
+the real stage entry point in-process (`stages._cli.run`, as `python -m stages.<stage>` does);
+`test_real_cli_exit_code` runs two of them as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny
+import yaml
+
+from grpo import config
+from stages import _cli, base_model, prepare, train
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = {"prepare": prepare, "base_model": base_model, "train": train}
+FIX = re.compile(
+    r"; (fix|add|remove|drop|set|use|write|check|connect|rename|make|re-create|"
+    r"did you mean)\b"
+)
+"""The fix clause every error line carries: `; ` then an imperative (or a suggested key)."""
+
+
+def _params(tmp: Path, model_dir: Path) -> dict:
+    """Valid params reading the GSM8K fixture mirror in `tmp/gsm8k` (no hub) and a tiny model."""
+    raw = config.default_params_dict()
+    raw["data"].update(hub_id="", mirrors=[str(tmp / "gsm8k")], train_size=None, eval_size=2)
+    raw["model"]["name"] = str(model_dir)
+    return raw
+
+
+def _args(stage: str, tmp: Path, model_dir: Path) -> dict[str, Path]:
+    if stage == "train":
+        return {
+            "model": model_dir,
+            "data": tmp / "gsm8k" / "train.jsonl",
+            "out": tmp / "out",
+            "checkpoints": tmp / "checkpoints",
+            "log_dir": tmp / "log",
+        }
+    return {"out": tmp / "out"}
+
+
+def _lines(path: Path, *lines: str) -> None:
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _append(path: Path, line: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(line + "\n")
+
+
+def _set(section: str, key: str, value):
+    def edit(ctx: Ctx) -> None:
+        ctx.params[section][key] = value
+
+    return edit
+
+
+def _rename(section: str, key: str, new: str):
+    def edit(ctx: Ctx) -> None:
+        ctx.params[section][new] = ctx.params[section].pop(key)
+
+    return edit
+
+
+def _drop(section: str, key: str):
+    def edit(ctx: Ctx) -> None:
+        del ctx.params[section][key]
+
+    return edit
+
+
+@dataclass
+class Ctx:
+    """What a case edits: the temp folder, the params, the stage arguments, monkeypatch."""
+
+    tmp: Path
+    params: dict
+    args: dict[str, Path]
+    model_dir: Path
+    monkeypatch: pytest.MonkeyPatch
+
+
+def _train_all_in_test(ctx: Ctx) -> None:
+    shutil.copy(ctx.tmp / "gsm8k" / "test.jsonl", ctx.tmp / "gsm8k" / "train.jsonl")
+
+
+def _duplicate_row(ctx: Ctx) -> None:
+    first = (ctx.tmp / "gsm8k" / "train.jsonl").read_text().splitlines()[0]
+    _append(ctx.tmp / "gsm8k" / "train.jsonl", first)
+
+
+def _hub_without_mirror(ctx: Ctx) -> None:
+    ctx.params["data"].update(hub_id="openai/gsm8k", mirrors=[])
+
+
+def _missing_mirror(ctx: Ctx) -> None:
+    ctx.params["data"]["mirrors"] = [str(ctx.tmp / "no-such-folder")]
+
+
+def _auto_procs_on_two_gpus(ctx: Ctx) -> None:
+    ctx.params["train"].update(nproc_per_node="auto", batch_size=3)
+    ctx.monkeypatch.setattr(train.distributed, "resolve_nproc", lambda value: 2)
+
+    def launch(nproc):
+        raise AssertionError("torchrun launched before the batch split was checked")
+
+    ctx.monkeypatch.setattr(train, "launch", launch)
+
+
+def _model(name: str | Callable[[Ctx], str]):
+    def edit(ctx: Ctx) -> None:
+        ctx.params["model"]["name"] = name(ctx) if callable(name) else name
+
+    return edit
+
+
+def _no_weights(ctx: Ctx) -> str:
+    folder = ctx.tmp / "m"
+    folder.mkdir()
+    shutil.copy(ctx.model_dir / "config.json", folder)
+    return str(folder)
+
+
+def _corrupt_safetensors(ctx: Ctx) -> str:
+    folder = ctx.tmp / "m"
+    shutil.copytree(ctx.model_dir, folder)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    return str(folder)
+
+
+def _unsupported_gguf(ctx: Ctx) -> str:
+    import gguf
+
+    path = ctx.tmp / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv6")
+    writer.add_context_length(16)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def _out_under_a_file(ctx: Ctx) -> None:
+    (ctx.tmp / "blocker").write_text("a file, not a folder")
+    ctx.args["out"] = ctx.tmp / "blocker" / "out"
+
+
+@dataclass
+class Case:
+    id: str
+    stage: str
+    edit: Callable[[Ctx], None]
+    expect: tuple[str, ...]
+    """Substrings of the error line ({tmp} = the temp folder): what is wrong and where, the fix."""
+
+
+T, E = "{tmp}/gsm8k/train.jsonl", "{tmp}/gsm8k/test.jsonl"
+CASES = [
+    # data (stage prepare, reading the mirror folder {tmp}/gsm8k)
+    Case("malformed-json", "prepare", lambda c: _append(c.tmp / "gsm8k/train.jsonl", "{oops"),
+         (f"{T}:11: malformed JSON", "fix or remove the line")),
+    Case("missing-question", "prepare",
+         lambda c: _append(c.tmp / "gsm8k/train.jsonl", '{"answer": "#### 1"}'),
+         (f"{T}:11: missing 'question'", "fix or remove the line")),
+    Case("missing-answer", "prepare",
+         lambda c: _append(c.tmp / "gsm8k/test.jsonl", '{"question": "What is 1+1?"}'),
+         (f"{E}:7: missing 'answer'", "fix or remove the line")),
+    Case("no-####", "prepare",
+         lambda c: _append(c.tmp / "gsm8k/train.jsonl", '{"question": "q", "answer": "It is 4"}'),
+         (f"{T}:11: no '####'", "fix or remove the line")),
+    Case("non-numeric-gold", "prepare",
+         lambda c: _append(c.tmp / "gsm8k/train.jsonl", '{"question": "q", "answer": "#### four"}'),
+         (f"{T}:11: gold answer 'four' is not a number", "fix or remove the line")),
+    Case("empty-file", "prepare", lambda c: _lines(c.tmp / "gsm8k/test.jsonl"),
+         (f"{E}: no rows", "write one JSON object")),
+    Case("empty-split-after-filtering", "prepare", _train_all_in_test,
+         ("mirror:{tmp}/gsm8k: all 6 train questions also occur in the test split",
+          "check that train.jsonl holds the official train split")),
+    Case("train-size-too-large", "prepare", _set("data", "train_size", 50),
+         ("data.train_size: 50 exceeds the 10 train problems", "set it to at most 10 or null")),
+    Case("duplicate-rows", "prepare", _duplicate_row,
+         (f"{T}:11: duplicate of line 1", "remove one of them")),
+    Case("missing-mirror", "prepare", _missing_mirror,
+         ("mirror {tmp}/no-such-folder does not exist", "add a folder with train.jsonl/test.jsonl",
+          "data.mirrors")),
+    Case("hub-offline-no-mirror", "prepare", _hub_without_mirror,
+         ("hub not used: HF_HUB_OFFLINE is set", "connect to the hub or add a folder",
+          "data.mirrors")),
+    # params (stage prepare validates every section before it reads anything)
+    Case("unknown-key", "prepare", _rename("train", "learning_rate", "learning_rat"),
+         ("params.yaml: unknown key 'train.learning_rat'",
+          "did you mean 'train.learning_rate'? rename it")),
+    Case("missing-key", "prepare", _drop("train", "beta"),
+         ("params.yaml: missing key 'train.beta'", "add it to params.yaml")),
+    Case("wrong-type", "prepare", _set("train", "learning_rate", "fast"),
+         ("params.yaml: train.learning_rate: expected a number, got 'fast'", "write a number")),
+    Case("one-generation", "prepare", _set("train", "num_generations", 1),
+         ("params.yaml: train.num_generations: must be >= 2", "set it to 2 or more")),
+    Case("batch-not-divisible", "prepare",
+         lambda c: c.params["train"].update(nproc_per_node=2, batch_size=3),
+         ("params.yaml: train.batch_size: 3 prompts do not split evenly", "use a multiple of 2")),
+    Case("batch-not-divisible-auto", "train", _auto_procs_on_two_gpus,
+         ("params.yaml: train.batch_size: 3 prompts do not split evenly over 2 processes",
+          "use a multiple of 2")),
+    Case("negative-beta", "prepare", _set("train", "beta", -0.1),
+         ("params.yaml: train.beta: must be >= 0, got -0.1", "fix it in params.yaml")),
+    Case("zero-completion-length", "prepare", _set("train", "max_completion_length", 0),
+         ("params.yaml: train.max_completion_length: must be >= 1, got 0", "fix it")),
+    # model (stage base_model)
+    Case("unknown-hub-id-offline", "base_model", _model("no-such-org-xyz/no-such-model"),
+         ("model.name: 'no-such-org-xyz/no-such-model' is not in the local Hugging Face cache",
+          "HF_HUB_OFFLINE is set", "set model.name to a local folder")),
+    Case("folder-without-weights", "base_model", _model(_no_weights),
+         ("{tmp}/m: no weights (*.safetensors)", "set model.name to a complete model folder")),
+    Case("corrupt-safetensors", "base_model", _model(_corrupt_safetensors),
+         ("{tmp}/m/model.safetensors: cannot load", "re-create or re-download")),
+    Case("unsupported-gguf-architecture", "base_model", _model(_unsupported_gguf),
+         ("{tmp}/m.gguf: cannot load", "rwkv6", "set model.name")),
+    # disk
+    Case("out-parent-is-a-file", "prepare", _out_under_a_file,
+         ("{tmp}/blocker/out: cannot write the output", "make its parent a writable folder")),
+    Case("out-parent-is-a-file-model", "base_model", _out_under_a_file,
+         ("{tmp}/blocker/out: cannot write the output", "make its parent a writable folder")),
+]  # fmt: skip
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _setup(case: Case, tmp: Path, model_dir: Path, monkeypatch) -> argparse.Namespace:
+    tiny.write_gsm8k(tmp / "gsm8k")
+    ctx = Ctx(tmp, _params(tmp, model_dir), _args(case.stage, tmp, model_dir), model_dir,
+              monkeypatch)  # fmt: skip
+    case.edit(ctx)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(ctx.params, sort_keys=False))
+    return argparse.Namespace(params=tmp / "params.yaml", **ctx.args)
+
+
+def _check_error_line(stderr: str, stage: str, expect: list[str]) -> None:
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error [")]
+    assert len(errors) == 1, stderr
+    line = errors[0]
+    assert line.startswith(f"error [{stage}]: ")
+    for text in expect:
+        assert text in line, f"{text!r} not in {line!r}"
+    assert FIX.search(line), f"no fix in {line!r}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_gives_one_line_error_and_no_output(
+    case, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    args = _setup(case, tmp_path, tiny_model_dir, monkeypatch)
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.run(case.stage, STAGES[case.stage].main, args)
+    elapsed = time.perf_counter() - start
+    assert exit_info.value.code == 2
+    _check_error_line(
+        capsys.readouterr().err, case.stage, [t.format(tmp=tmp_path) for t in case.expect]
+    )
+    assert _tree(tmp_path) == before  # no output, no temp sibling, no touched input
+    assert elapsed < 2.0, f"{case.id} took {elapsed:.1f} s to fail"
+
+
+@pytest.mark.parametrize(
+    "case_id", ["malformed-json", "unknown-hub-id-offline"], ids=["data", "model"]
+)
+def test_real_cli_exit_code(case_id, tmp_path, tiny_model_dir, monkeypatch):
+    case = next(c for c in CASES if c.id == case_id)
+    args = _setup(case, tmp_path, tiny_model_dir, monkeypatch)
+    before = _tree(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", f"stages.{case.stage}", "--params", str(args.params)]
+    result = subprocess.run(
+        [*cmd, "--out", str(args.out)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr
+    _check_error_line(result.stderr, case.stage, [t.format(tmp=tmp_path) for t in case.expect])
+    assert _tree(tmp_path) == before
+
+
+def test_float_strings_from_dvc_exp_run_are_accepted(tmp_path, tiny_model_dir, capsys):
+    """`dvc exp run -S train.learning_rate=2e-6` writes `learning_rate: 2e-06`, which YAML reads
+    as a string: the stage coerces it and runs."""
+    tiny.write_gsm8k(tmp_path / "gsm8k")
+    raw = copy.deepcopy(_params(tmp_path, tiny_model_dir))
+    raw["train"]["learning_rate"] = "2e-06"
+    text = yaml.safe_dump(raw, sort_keys=False)
+    assert "learning_rate: 2e-06\n" in text  # unquoted, as dvc writes it
+    (tmp_path / "params.yaml").write_text(text)
+    args = argparse.Namespace(params=tmp_path / "params.yaml", out=tmp_path / "out")
+    _cli.run("prepare", prepare.main, args)
+    assert config.load(args.params).train.learning_rate == 2e-06
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["counts"]["eval"] == 2
+    assert "error" not in capsys.readouterr().err
