@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import grpo.rewards
+from grpo.data import parse_gold
 from grpo.rewards import (
     TAGS,
     Graded,
@@ -334,7 +335,35 @@ PIECES = st.sampled_from(
         *("$", "-", "\u2212", "+", ",", ".", "/", "%", "<", ">", "\n", " ", "0", "7"),
     ]
 )
-TEXT = st.text() | st.lists(PIECES | st.text(max_size=3), max_size=30).map("".join)
+NUMBER = st.from_regex(
+    r"[-+\u2212]?\$?[0-9\u0661\uff11]{1,40}(,[0-9]{3}){0,3}(\.[0-9]{0,40})?(/[0-9]{1,120})?%?",
+    fullmatch=True,
+)
+"""Number-like text: signs, "$", Unicode digits, thousands separators, decimals, fractions
+(some longer than the fraction digit limit), "%"."""
+HUGE_NUMBER = st.builds(
+    lambda digits, n, tail: digits * n + tail,
+    st.sampled_from(["9", "1,000", "0", "\u0661"]),
+    st.integers(1, 6000),  # beyond Python's 4,300-digit int/str conversion limit
+    st.sampled_from(["", ".5", "/3", "/" + "7" * 5000, "e99999", "####", ",0"]),
+)
+NESTED = st.recursive(
+    st.text(max_size=4) | NUMBER | PIECES,
+    lambda inner: (
+        st.tuples(st.sampled_from(["reasoning", "answer"]), inner).map(
+            lambda t: f"<{t[0]}>{t[1]}</{t[0]}>"
+        )
+        | st.lists(inner, max_size=3).map("".join)
+    ),
+    max_leaves=12,
+)
+"""Tags inside tags, unclosed, repeated, with numbers and '####' fragments in between."""
+TEXT = (
+    st.text()
+    | st.lists(PIECES | st.text(max_size=3) | NUMBER, max_size=30).map("".join)
+    | HUGE_NUMBER
+    | NESTED
+)
 
 
 @given(TEXT)
@@ -343,13 +372,19 @@ def test_parsers_never_raise(text: str) -> None:
     extract_tagged_answer(text)
     extract_last_number(text)
     is_well_formed(text)
+    try:
+        gold = parse_gold(text)  # the GSM8K answer parser: a ValueError is its only failure
+    except ValueError as err:
+        assert "\n" not in str(err)
+    else:
+        assert normalize_number(gold) == gold
 
 
 @given(TEXT)
 def test_normalize_number_is_idempotent(text: str) -> None:
     value = normalize_number(text)
+    assert normalize_number(value) == value
     if value is not None:
-        assert normalize_number(value) == value
         assert numbers_equal(value, text)
 
 
@@ -369,7 +404,7 @@ def test_integers_round_trip_in_any_spelling(n: int) -> None:
     assert numbers_equal(f"${n:,}.00", plain)
 
 
-@given(TEXT, st.text(max_size=10) | st.integers().map(str))
+@given(TEXT, st.text(max_size=10) | st.integers().map(str) | TEXT)
 def test_rewards_are_bounded(completion: str, gold: str) -> None:
     graded = grade(completion, gold)
     assert graded.lenient_correct or not graded.strict_correct
@@ -377,8 +412,18 @@ def test_rewards_are_bounded(completion: str, gold: str) -> None:
     assert 0.0 <= format_reward(completion) <= 0.8
     assert format_reward(completion, mode="strict") in (0.0, 0.8)
     assert format_reward(completion, mode="strict") <= format_reward(completion)
-    rewards = RewardFunctions(cfg("presence"))
-    assert 0.0 <= rewards.total(completion, gold) <= rewards.max_total()
+    for mode in ("presence", "strict", "off"):
+        rewards = RewardFunctions(cfg(mode))
+        assert 0.0 <= rewards.total(completion, gold) <= rewards.max_total()
+        correctness, fmt = rewards.trl_functions()
+        chat = [[{"role": "assistant", "content": completion}]]
+        [reward] = correctness(completions=chat, answer=[gold])
+        assert reward in (0.0, 1.5, 2.0)
+        assert (
+            fmt(completions=[completion])
+            == fmt(completions=chat)
+            == [rewards.score(completion, gold)["format"]]
+        )
 
 
 def test_doctests() -> None:
