@@ -6,10 +6,10 @@ then waits for connection timeouts and retries (tens of seconds) before it gives
 otherwise one TCP connect with a short timeout does.
 
 >>> import os
->>> os.environ["HF_HUB_OFFLINE"] = "1"
->>> hub_unreachable()
+>>> from unittest import mock
+>>> with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
+...     hub_unreachable()
 'HF_HUB_OFFLINE is set'
->>> del os.environ["HF_HUB_OFFLINE"]
 """
 
 from __future__ import annotations
