@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from grpo.data import build_messages
+from grpo.decode import decode
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str) -> str:
@@ -102,23 +103,36 @@ class SeededSampler(LogitsProcessor):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Noisy scores of every row (the HF path): greedy argmax of them is the sample."""
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"{scores.shape[0]} rows but {len(self.generators)} row seeds")
+        return self._noisy(scores, range(len(self.generators)))
+
+    def choose(self, scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """The sampled token of each of `rows` (indices into the seeds) from their scores."""
+        return self._noisy(scores, rows).argmax(dim=-1)  # (n,)
+
+    def _noisy(self, scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         s = self.sampling
-        logits = scores.float() / s.temperature  # (N, V)
+        logits = scores.float() / s.temperature  # (n, V)
         if 0 < s.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]  # (N, 1)
+            kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]  # (n, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if s.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (N, V)
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (n, V)
             probs = torch.softmax(sorted_logits, dim=-1)
             outside = (torch.cumsum(probs, dim=-1) - probs) > s.top_p  # mass before token
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
         vocab = logits.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])
+        uniform = torch.stack([torch.rand(vocab, generator=self.generators[r]) for r in rows])
         tiny = torch.finfo(torch.float32).tiny
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny)))  # (N, V)
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny)))  # (n, V)
         return logits + gumbel.to(logits.device)
+
+
+def greedy_choice(scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """The most likely token of each row (the greedy counterpart of `SeededSampler.choose`)."""
+    return scores.argmax(dim=-1)  # (n,)
 
 
 def generation_config(
@@ -152,37 +166,57 @@ def generate(
     seeds: Sequence[int] | None = None,
     num_return_sequences: int = 1,
     synced_gpus: bool = False,
+    engine: str = "auto",
 ) -> Generated:
     """Generate `num_return_sequences` completions for each prompt in one batched call.
 
     With `sampling.temperature > 0`, `seeds` gives one seed per generated row (see `row_seeds`).
     `synced_gpus` keeps every rank stepping until all are done (needed with sharded FSDP).
+    `engine`: "lean" = our decode loop (`grpo.decode`), "hf" = `model.generate`, "auto" = lean
+    unless `synced_gpus` or stop strings need the HF path. Both give the same tokens.
     """
+    if engine not in ("auto", "lean", "hf"):
+        raise ValueError(f"engine must be auto, lean or hf, got {engine!r}")
+    lean = engine == "lean" or (engine == "auto" and not synced_gpus and not config.stop_strings)
+    if lean and (synced_gpus or config.stop_strings):
+        raise ValueError("the lean decode loop supports neither synced_gpus nor stop strings")
     eos_ids = config.eos_token_id
     tokenizer.padding_side = "left"
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     prompt_ids = enc["input_ids"].repeat_interleave(num_return_sequences, 0).to(device)  # (N, P)
     prompt_mask = enc["attention_mask"].repeat_interleave(num_return_sequences, 0).to(device)
-    processors = LogitsProcessorList()
+    sampler = None
     if sampling.temperature > 0:
         if seeds is None or len(seeds) != prompt_ids.shape[0]:
             raise ValueError("sampling needs one seed per generated row")
-        processors.append(SeededSampler(sampling, seeds))
+        sampler = SeededSampler(sampling, seeds)
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            generation_config=config,
-            logits_processor=processors,
-            tokenizer=tokenizer if config.stop_strings else None,
-            synced_gpus=synced_gpus,
-        )  # (N, P + T)
+        if lean:
+            completion_ids = decode(
+                model,
+                enc["input_ids"].to(device),
+                enc["attention_mask"].to(device),
+                num_return_sequences=num_return_sequences,
+                max_new_tokens=config.max_new_tokens,
+                eos_ids=eos_ids,
+                pad_id=config.pad_token_id,
+                choose=greedy_choice if sampler is None else sampler.choose,
+            )  # (N, T)
+        else:
+            out = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([] if sampler is None else [sampler]),
+                tokenizer=tokenizer if config.stop_strings else None,
+                synced_gpus=synced_gpus,
+            )  # (N, P + T)
+            completion_ids = out[:, prompt_ids.shape[1] :]  # (N, T)
     finally:
         model.train(was_training)
-    completion_ids = out[:, prompt_ids.shape[1] :]  # (N, T)
     mask = completion_mask(completion_ids.cpu(), eos_ids).to(device)  # (N, T)
     lengths = mask.sum(dim=1).tolist()  # (N,)
     has_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device)).any(dim=1)

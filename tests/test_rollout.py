@@ -163,3 +163,42 @@ def test_truncate_at_answer_cuts_after_closing_tag():
     assert cut.num_tokens[0] < ids.shape[1]
     assert cut.completion_mask.sum().item() == cut.num_tokens[0]
     assert cut.truncated == [False]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature):
+    """Prefill once per prompt, in-place KV cache, finished rows dropped: same tokens as HF."""
+    model, tokenizer = lm
+    prompts = _prompts(tokenizer, 3)
+    vocab = model.config.vocab_size
+    eos = [2, *range(5, vocab, 7)]  # many EOS ids, so rows finish at different steps
+    cfg = generation_config(max_new_tokens=12, eos_ids=eos, pad_id=2)
+    sampling = Sampling(temperature=temperature)
+    seeds = row_seeds(3, 0, range(12)) if temperature > 0 else None
+    runs = {
+        engine: generate(
+            model,
+            tokenizer,
+            prompts,
+            cfg,
+            sampling=sampling,
+            seeds=seeds,
+            num_return_sequences=4,
+            engine=engine,
+        )
+        for engine in ("hf", "lean")
+    }
+    hf, lean = runs["hf"], runs["lean"]
+    assert torch.equal(lean.completion_ids, hf.completion_ids)
+    assert torch.equal(lean.completion_mask, hf.completion_mask)
+    assert torch.equal(lean.prompt_ids, hf.prompt_ids)
+    assert lean.texts == hf.texts and lean.truncated == hf.truncated
+    if temperature > 0:  # the comparison covered early and late finishers
+        assert len(set(lean.num_tokens)) > 2 and max(lean.num_tokens) == 12, lean.num_tokens
+
+
+def test_lean_decode_refuses_what_only_hf_supports(lm):
+    model, tokenizer = lm
+    cfg = generation_config(max_new_tokens=2, eos_ids=[2], pad_id=2, stop_strings=["</answer>"])
+    with pytest.raises(ValueError, match="stop strings"):
+        generate(model, tokenizer, _prompts(tokenizer, 1), cfg, engine="lean")

@@ -1,0 +1,128 @@
+"""Rollout generation: our decode loop vs `model.generate` (KV cache on) vs the tutorial's cache off.
+
+    python bench/rollout.py [--model models/base] [--rows 8 16 32] [--group 4]
+                            [--max-new-tokens 128] [--repeats 2]
+
+All sides sample the same prompts with the same per-row seeds (temperature 1, the GRPO rollout
+setting), so they generate the same tokens; the script checks that and counts only real tokens
+(up to and including EOS). Speeds are min/median over interleaved repeats, reported as ratios.
+
+The hardware bound: this run measures the machine's fp32 matmul FLOP/s with a large
+`torch.matmul`; a decoder needs about 2·params FLOPs per generated token, so peak / (2·params)
+tokens/s is what arithmetic alone allows. Each side is reported as a fraction of it.
+
+Cache off recomputes the whole sequence for every token (cost grows with length), so it runs
+once, at the smallest batch and `--cache-off-tokens` new tokens: its tokens/s at 128 would be
+lower still.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from grpo import model
+from grpo.data import read_jsonl
+from grpo.rollout import Sampling, chat_prompt, generate, generation_config, row_seeds
+
+SYSTEM = (
+    "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+)
+
+
+def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+    """Peak fp32 matmul FLOP/s of this machine (best of `repeats`)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def rollout(lm, tokenizer, prompts, group, max_new_tokens, eos_ids, engine, use_cache=True):
+    cfg = generation_config(
+        max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id
+    )
+    cfg.use_cache = use_cache
+    start = time.perf_counter()
+    gen = generate(
+        lm,
+        tokenizer,
+        prompts,
+        cfg,
+        sampling=Sampling(temperature=1.0),
+        seeds=row_seeds(0, 0, range(len(prompts) * group)),
+        num_return_sequences=group,
+        engine=engine,
+    )
+    seconds = time.perf_counter() - start
+    return sum(gen.num_tokens) / seconds, gen.texts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/base")
+    p.add_argument("--data", default="data/prepared/eval.jsonl")
+    p.add_argument("--rows", type=int, nargs="+", default=[8, 16, 32], help="B·G values")
+    p.add_argument("--group", type=int, default=4, help="G: completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--cache-off-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+
+    source = model.ModelSource("dir", args.model)
+    tokenizer = model.load_tokenizer(source, False)
+    lm = model.load_model(source)
+    eos_ids = model.eos_token_ids(lm, tokenizer)
+    records = read_jsonl(args.data)
+    torch.set_grad_enabled(False)
+    params = sum(p.numel() for p in lm.parameters())
+    peak = matmul_flops()
+    bound = peak / (2 * params)
+    print(
+        f"model {args.model} ({params / 1e6:.1f}M params, fp32), {torch.get_num_threads()} "
+        f"threads, sampling T=1, G={args.group}, {args.max_new_tokens} new tokens max"
+    )
+    print(
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s -> bound {bound:.0f} tokens/s (2·params FLOPs/token)"
+    )
+    print(f"{'B·G':>4} {'side':>22} {'min':>8} {'median':>8} tokens/s  {'of bound':>8}  same")
+    for rows in args.rows:
+        prompts = [
+            chat_prompt(tokenizer, r["question"], SYSTEM) for r in records[: rows // args.group]
+        ]
+        speeds: dict[str, list[float]] = {"ours": [], "HF generate (cache on)": []}
+        texts = {}
+        for _ in range(args.repeats):  # interleaved so machine noise hits both sides alike
+            for name, engine in (("ours", "lean"), ("HF generate (cache on)", "hf")):
+                tps, texts[name] = rollout(
+                    lm, tokenizer, prompts, args.group, args.max_new_tokens, eos_ids, engine
+                )
+                speeds[name].append(tps)
+        if rows == min(args.rows):
+            tps, _ = rollout(
+                lm, tokenizer, prompts, args.group, args.cache_off_tokens, eos_ids, "hf", False
+            )
+            speeds[f"cache off ({args.cache_off_tokens} tok)"] = [tps]
+        same = sum(a == b for a, b in zip(*texts.values(), strict=True))
+        for name, values in speeds.items():
+            median = statistics.median(values)
+            agree = f"{same}/{len(texts['ours'])}" if name == "ours" else ""
+            print(
+                f"{rows:>4} {name:>22} {min(values):8.1f} {median:8.1f}           "
+                f"{median / bound:7.1%}  {agree}"
+            )
+        ratio = statistics.median(speeds["ours"]) / statistics.median(
+            speeds["HF generate (cache on)"]
+        )
+        print(f"{rows:>4} {'ours / HF generate':>22} {ratio:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The lean decode loop: our own token-by-token generation for rollouts and evaluation.
+
+Does the same arithmetic as `model.generate` with a KV cache (so the tokens are the same for the
+same seeds) with less work around it:
+
+- each distinct prompt is prefilled once and its KV rows are shared by its G samples
+  (`generate` prefills all B·G copies);
+- the KV cache grows in place inside buffers sized for prompt + completion, instead of
+  concatenating a new copy of every layer's keys and values at every token;
+- a row that has sampled an EOS leaves the batch (its KV rows are dropped), and the loop stops
+  when no row is left, instead of decoding padding for finished rows until the longest ends;
+- no logits processors, stopping criteria or per-step input preparation beyond the model call.
+
+`grpo.rollout.generate` uses it whenever the model allows; the HF path stays for FSDP
+(`synced_gpus`) and stop strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+# picks the next token of the given rows (positions in the original batch) from their logits
+Chooser = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+
+
+class GrowingLayer(DynamicLayer):
+    """A KV cache layer that appends in place into preallocated buffers of `capacity` tokens.
+
+    `keys`/`values` are views of the filled part, so attention and `get_seq_length` see exactly
+    what a `DynamicLayer` would hold.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # key_states: (n, H, t, D)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            n, heads, _, dim = key_states.shape
+            shape = (n, heads, self.capacity, dim)
+            self.key_buffer = key_states.new_empty(shape)  # (n, H, C, D)
+            self.value_buffer = value_states.new_empty(shape)  # (n, H, C, D)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} tokens, {end} requested")
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def _expose(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]  # (n, H, L, D)
+        self.values = self.value_buffer[:, :, : self.length]  # (n, H, L, D)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self._expose()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer = self.key_buffer[indices]
+        self.value_buffer = self.value_buffer[indices]
+        self._expose()
+
+
+def growing_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
+    """A DynamicCache whose full-attention layers grow in place (sliding ones stay as is)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [
+        GrowingLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    return cache
+
+
+@torch.no_grad()
+def decode(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,  # (B, P) left-padded, one row per distinct prompt
+    prompt_mask: torch.Tensor,  # (B, P)
+    *,
+    num_return_sequences: int,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    choose: Chooser,
+) -> torch.Tensor:
+    """Completion tokens (B·G, T), G = `num_return_sequences` consecutive rows per prompt.
+
+    Row r stops after its first EOS; later positions hold `pad_id`. T is the longest completion.
+    The caller puts the model in eval mode.
+    """
+    G = num_return_sequences
+    device = prompt_ids.device
+    cache = growing_cache(model, prompt_ids.shape[1] + max_new_tokens)
+    positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, P) as generate does
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache.batch_repeat_interleave(G)
+    logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (N, V)
+    mask = prompt_mask.repeat_interleave(G, dim=0)  # (N, P + t)
+    next_position = positions[:, -1:].repeat_interleave(G, dim=0) + 1  # (N, 1)
+    alive = torch.arange(logits.shape[0], device=device)  # (n,) rows still decoding
+    eos = torch.tensor(list(eos_ids), device=device)
+    tokens = torch.full((logits.shape[0], max_new_tokens), pad_id, device=device)  # (N, T)
+    length = 0
+    for t in range(max_new_tokens):
+        token = choose(logits, alive.tolist()).to(device)  # (n,)
+        tokens[alive, t] = token
+        length = t + 1
+        finished = torch.isin(token, eos)  # (n,)
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)  # (n',)
+            alive, token = alive[keep], token[keep]
+            mask, next_position = mask[keep], next_position[keep]
+            cache.batch_select_indices(keep)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (n, P + t + 1)
+        out = model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=next_position,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1].float()  # (n, V)
+        next_position = next_position + 1
+    return tokens[:, :length]  # (N, T)
