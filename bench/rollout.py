@@ -1,4 +1,4 @@
-"""Rollout generation: our decode loop vs `model.generate` (KV cache on) vs the tutorial's cache off.
+"""Rollout generation: our decode loop vs `model.generate` (KV cache on) vs cache off (tutorial).
 
     python bench/rollout.py [--model models/base] [--rows 8 16 32] [--group 4]
                             [--max-new-tokens 128] [--repeats 2]
