@@ -261,25 +261,130 @@ def completion_logprobs(
 
     Rows are processed `chunk_size` at a time and only the T completion positions get logits, so
     the full (N, P + T, V) logits tensor is never built. Gradients flow when grad is enabled.
+    Consecutive rows of a chunk with the same prompt (a GRPO group) are packed into one sequence,
+    prompt once then each completion, so the prompt is computed once per group (`pack_group`);
+    models without SDPA attention (which the packed mask needs) get one sequence per row.
     """
-    input_ids, attention, positions = sequence_inputs(prompt_ids, prompt_mask, completion_ids)
-    num_completion = completion_ids.shape[1]
+    packed = _attention(model) == "sdpa"
     scale = temperature if temperature > 0 else 1.0
     rows = []
-    for begin in range(0, input_ids.shape[0], chunk_size):
-        end = begin + chunk_size
-        logits = model(
-            input_ids=input_ids[begin:end],
-            attention_mask=attention[begin:end],
-            position_ids=positions[begin:end],
-            logits_to_keep=num_completion + 1,
-            use_cache=False,
-        ).logits[:, :-1]  # (c, T, V) position t predicts completion token t
-        logits = logits.float() / scale
-        targets = completion_ids[begin:end].unsqueeze(-1)  # (c, T, 1)
+    for begin in range(0, prompt_ids.shape[0], chunk_size):
+        chunk = slice(begin, begin + chunk_size)
+        if packed:
+            logits = _packed_logits(
+                model, prompt_ids[chunk], prompt_mask[chunk], completion_ids[chunk]
+            )
+        else:
+            logits = _row_logits(
+                model, prompt_ids[chunk], prompt_mask[chunk], completion_ids[chunk]
+            )
+        logits = logits.float() / scale  # (c, T, V) position t predicts completion token t
+        targets = completion_ids[chunk].unsqueeze(-1)  # (c, T, 1)
         token_logit = logits.gather(-1, targets).squeeze(-1)  # (c, T)
         rows.append(token_logit - torch.logsumexp(logits, dim=-1))  # (c, T)
     return torch.cat(rows, dim=0)  # (N, T)
+
+
+def _attention(model: torch.nn.Module) -> str | None:
+    """The attention implementation of a model, looking through DDP-style `.module` wrappers."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def _row_logits(model, prompt_ids, prompt_mask, completion_ids) -> torch.Tensor:
+    """Logits predicting each completion token, one sequence per row: (c, T, V)."""
+    input_ids, attention, positions = sequence_inputs(prompt_ids, prompt_mask, completion_ids)
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        logits_to_keep=completion_ids.shape[1] + 1,
+        use_cache=False,
+    ).logits[:, :-1]  # (c, T, V)
+
+
+@dataclass
+class Packed:
+    """Rows packed by prompt: each sequence holds a prompt then k completion slots of T tokens."""
+
+    input_ids: torch.Tensor  # (m, P + k*T)
+    attention: torch.Tensor  # (m, 1, P + k*T, P + k*T) bool, True = may attend
+    positions: torch.Tensor  # (m, P + k*T)
+    group: torch.Tensor  # (c,) packed sequence of each row
+    slot: torch.Tensor  # (c,) completion slot of each row in its sequence
+    keep: torch.Tensor  # (k*T,) positions whose logits predict the completion tokens
+
+
+def pack_group(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor
+) -> Packed:
+    """Pack consecutive rows that share a prompt into one sequence: prompt, then completions.
+
+    A completion slot attends to its prompt and causally to itself, never to another slot, and
+    its positions continue from the prompt's, so each row sees exactly the context it would see
+    alone (`sequence_inputs`), while the prompt is computed once for its group.
+    """
+    c, P = prompt_ids.shape
+    T = completion_ids.shape[1]
+    device = prompt_ids.device
+    new = torch.ones(c, dtype=torch.bool, device=device)  # (c,) first row of its group
+    new[1:] = (prompt_ids[1:] != prompt_ids[:-1]).any(dim=1)
+    group = torch.cumsum(new.long(), dim=0) - 1  # (c,)
+    firsts = new.nonzero().squeeze(1)  # (m,)
+    slot = torch.arange(c, device=device) - firsts[group]  # (c,)
+    m, k = firsts.shape[0], int(slot.max()) + 1
+    input_ids = prompt_ids.new_zeros(m, P + k * T)  # (m, L)
+    input_ids[:, :P] = prompt_ids[firsts]
+    input_ids[:, P:].view(m, k, T)[group, slot] = completion_ids
+    used = torch.zeros(m, k, dtype=torch.bool, device=device)  # (m, k)
+    used[group, slot] = True
+    key_ok = torch.cat(
+        [prompt_mask[firsts].bool(), used.repeat_interleave(T, dim=1)], dim=1
+    )  # (m, L)
+    prompt_len = prompt_mask[firsts].long().sum(dim=1, keepdim=True)  # (m, 1)
+    prompt_pos = (prompt_mask[firsts].long().cumsum(dim=1) - 1).clamp(min=0)  # (m, P)
+    slot_pos = (prompt_len + torch.arange(T, device=device)).repeat(1, k)  # (m, k*T)
+    region = torch.cat(
+        [torch.full((P,), -1, device=device), torch.arange(k, device=device).repeat_interleave(T)]
+    )  # (L,) -1 = prompt, s = completion slot s
+    index = torch.arange(P + k * T, device=device)
+    causal = index[None, :] <= index[:, None]  # (L, L) [query, key]
+    visible = causal & ((region[:, None] == region[None, :]) | (region[None, :] == -1))
+    attention = visible[None] & key_ok[:, None, :]  # (m, L, L)
+    attention |= torch.eye(P + k * T, dtype=torch.bool, device=device)  # no empty rows (padding)
+    # slot s: the prompt's last position predicts its first token, its own positions the rest
+    starts = P + T * torch.arange(k, device=device)  # (k,)
+    keep = torch.cat(
+        [
+            torch.cat(
+                [torch.tensor([P - 1], device=device), s + torch.arange(T - 1, device=device)]
+            )
+            for s in starts.tolist()
+        ]
+    )  # (k*T,)
+    return Packed(
+        input_ids=input_ids,
+        attention=attention.unsqueeze(1),
+        positions=torch.cat([prompt_pos, slot_pos], dim=1),
+        group=group,
+        slot=slot,
+        keep=keep,
+    )
+
+
+def _packed_logits(model, prompt_ids, prompt_mask, completion_ids) -> torch.Tensor:
+    """Logits predicting each completion token, rows packed by prompt (`pack_group`): (c, T, V)."""
+    pk = pack_group(prompt_ids, prompt_mask, completion_ids)
+    T = completion_ids.shape[1]
+    logits = model(
+        input_ids=pk.input_ids,
+        attention_mask=pk.attention,
+        position_ids=pk.positions,
+        logits_to_keep=pk.keep,
+        use_cache=False,
+    ).logits  # (m, k*T, V)
+    return logits.view(logits.shape[0], -1, T, logits.shape[-1])[pk.group, pk.slot]  # (c, T, V)
 
 
 ANSWER_CLOSE = "</answer>"

@@ -6,6 +6,7 @@ import pytest
 import tiny
 import torch
 
+from grpo.loss import grpo_loss
 from grpo.rollout import (
     Sampling,
     SeededSampler,
@@ -14,7 +15,9 @@ from grpo.rollout import (
     completion_mask,
     generate,
     generation_config,
+    pack_group,
     row_seeds,
+    sequence_inputs,
     truncate_at_answer,
 )
 
@@ -202,3 +205,66 @@ def test_lean_decode_refuses_what_only_hf_supports(lm):
     cfg = generation_config(max_new_tokens=2, eos_ids=[2], pad_id=2, stop_strings=["</answer>"])
     with pytest.raises(ValueError, match="stop strings"):
         generate(model, tokenizer, _prompts(tokenizer, 1), cfg, engine="lean")
+
+
+def _reference_logprobs(model, prompt_ids, prompt_mask, completion_ids):
+    """The straightforward version: one sequence per row, full logits, log_softmax, gather."""
+    input_ids, attention, positions = sequence_inputs(prompt_ids, prompt_mask, completion_ids)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+    T = completion_ids.shape[1]
+    logp = torch.log_softmax(logits[:, -T - 1 : -1].float(), dim=-1)  # (N, T, V)
+    return logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
+
+
+def test_packed_logprobs_and_gradients_match_one_sequence_per_row(lm):
+    """Rows sharing a prompt are scored packed (prompt once per group): same log-probs, loss and
+    gradients as scoring every row alone, for any chunking, including groups split by chunks."""
+    model, tokenizer = lm
+    assert model.config._attn_implementation == "sdpa"  # the packed path runs
+    cfg = generation_config(max_new_tokens=8, eos_ids=[2, *range(5, 200, 9)], pad_id=2)
+    gen = generate(
+        model,
+        tokenizer,
+        _prompts(tokenizer, 3),
+        cfg,
+        sampling=Sampling(temperature=1.0),
+        seeds=row_seeds(1, 0, range(9)),
+        num_return_sequences=3,
+    )
+    assert gen.prompt_mask.min() == 0 and len(set(gen.num_tokens)) > 1
+    args = (gen.prompt_ids, gen.prompt_mask, gen.completion_ids)
+    advantages = torch.linspace(-1, 1, 9)
+    mask = gen.completion_mask
+
+    def loss_and_grads(logp_fn):
+        model.zero_grad()
+        logp = logp_fn()
+        out = grpo_loss(logp, None, logp.detach() - 0.1, advantages, mask, beta=0.04, epsilon=0.2)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return logp.detach(), out.loss.detach(), grads
+
+    ref_logp, ref_loss, ref_grads = loss_and_grads(lambda: _reference_logprobs(model, *args))
+    for chunk in (1, 2, 3, 4, 9):
+        logp, loss, grads = loss_and_grads(
+            lambda chunk=chunk: completion_logprobs(model, *args, chunk_size=chunk)
+        )
+        torch.testing.assert_close(logp[mask.bool()], ref_logp[mask.bool()], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    model.zero_grad()
+
+
+def test_pack_group_shares_one_prompt_per_group():
+    prompt_ids = torch.tensor([[0, 7, 8], [0, 7, 8], [5, 6, 9]])  # rows 0 and 1 share a prompt
+    prompt_mask = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1]])
+    completion_ids = torch.tensor([[11, 12], [13, 14], [15, 16]])
+    pk = pack_group(prompt_ids, prompt_mask, completion_ids)
+    assert pk.input_ids.tolist() == [[0, 7, 8, 11, 12, 13, 14], [5, 6, 9, 15, 16, 0, 0]]
+    assert pk.positions[0].tolist() == [0, 0, 1, 2, 3, 2, 3]  # both slots continue the prompt
+    assert pk.group.tolist() == [0, 0, 1] and pk.slot.tolist() == [0, 1, 0]
+    assert pk.keep.tolist() == [2, 3, 2, 5]
+    seen = pk.attention[0, 0]  # (L, L) [query, key]
+    assert seen[5].tolist() == [False, True, True, False, False, True, False]  # slot 1 token 0
+    assert not seen[4, 5] and seen[4, 3]  # slots never see each other
