@@ -39,7 +39,11 @@ format: setup
 	ruff format . && ruff check --fix .
 
 bench: setup
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[bench]'
+	dvc repro prepare base_model
 	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/grpo_step.py
 
 clean-venv:
 	rm -rf $(VENV)

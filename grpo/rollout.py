@@ -270,19 +270,20 @@ def completion_logprobs(
     rows = []
     for begin in range(0, prompt_ids.shape[0], chunk_size):
         chunk = slice(begin, begin + chunk_size)
-        if packed:
-            logits = _packed_logits(
-                model, prompt_ids[chunk], prompt_mask[chunk], completion_ids[chunk]
-            )
-        else:
-            logits = _row_logits(
-                model, prompt_ids[chunk], prompt_mask[chunk], completion_ids[chunk]
-            )
-        logits = logits.float() / scale  # (c, T, V) position t predicts completion token t
-        targets = completion_ids[chunk].unsqueeze(-1)  # (c, T, 1)
-        token_logit = logits.gather(-1, targets).squeeze(-1)  # (c, T)
-        rows.append(token_logit - torch.logsumexp(logits, dim=-1))  # (c, T)
+        score = _packed_logprobs if packed else _row_logprobs
+        rows.append(
+            score(model, prompt_ids[chunk], prompt_mask[chunk], completion_ids[chunk], scale)
+        )
     return torch.cat(rows, dim=0)  # (N, T)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+    """log softmax(logits / scale) at `targets`: (..., V), (...) -> (...)."""
+    logits = logits.float()
+    if scale != 1.0:
+        logits = logits / scale
+    token_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (...)
+    return token_logit - torch.logsumexp(logits, dim=-1)  # (...)
 
 
 def _attention(model: torch.nn.Module) -> str | None:
@@ -292,16 +293,17 @@ def _attention(model: torch.nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
-def _row_logits(model, prompt_ids, prompt_mask, completion_ids) -> torch.Tensor:
-    """Logits predicting each completion token, one sequence per row: (c, T, V)."""
+def _row_logprobs(model, prompt_ids, prompt_mask, completion_ids, scale) -> torch.Tensor:
+    """Completion-token log-probs, one sequence per row: (c, T)."""
     input_ids, attention, positions = sequence_inputs(prompt_ids, prompt_mask, completion_ids)
-    return model(
+    logits = model(
         input_ids=input_ids,
         attention_mask=attention,
         position_ids=positions,
         logits_to_keep=completion_ids.shape[1] + 1,
         use_cache=False,
-    ).logits[:, :-1]  # (c, T, V)
+    ).logits[:, :-1]  # (c, T, V) position t predicts completion token t
+    return _token_logprobs(logits, completion_ids, scale)  # (c, T)
 
 
 @dataclass
@@ -373,18 +375,19 @@ def pack_group(
     )
 
 
-def _packed_logits(model, prompt_ids, prompt_mask, completion_ids) -> torch.Tensor:
-    """Logits predicting each completion token, rows packed by prompt (`pack_group`): (c, T, V)."""
+def _packed_logprobs(model, prompt_ids, prompt_mask, completion_ids, scale) -> torch.Tensor:
+    """Completion-token log-probs, rows packed by prompt (`pack_group`): (c, T)."""
     pk = pack_group(prompt_ids, prompt_mask, completion_ids)
-    T = completion_ids.shape[1]
+    P, T = prompt_ids.shape[1], completion_ids.shape[1]
     logits = model(
         input_ids=pk.input_ids,
         attention_mask=pk.attention,
         position_ids=pk.positions,
         logits_to_keep=pk.keep,
         use_cache=False,
-    ).logits  # (m, k*T, V)
-    return logits.view(logits.shape[0], -1, T, logits.shape[-1])[pk.group, pk.slot]  # (c, T, V)
+    ).logits  # (m, k*T, V): slot s's kept positions predict the tokens of slot s
+    logp = _token_logprobs(logits, pk.input_ids[:, P:], scale)  # (m, k*T)
+    return logp.view(logp.shape[0], -1, T)[pk.group, pk.slot]  # (c, T)
 
 
 ANSWER_CLOSE = "</answer>"
