@@ -9,6 +9,8 @@ same seeds) with less work around it:
   concatenating a new copy of every layer's keys and values at every token;
 - a row that has sampled an EOS leaves the batch (its KV rows are dropped), and the loop stops
   when no row is left, instead of decoding padding for finished rows until the longest ends;
+- every `nn.Linear` computes W @ x^T for the few rows of a decode step, which the CPU GEMM
+  runs up to 1.8x faster than x @ W^T at 16-32 rows (`bench/rollout.py` measures the effect);
 - no logits processors, stopping criteria or per-step input preparation beyond the model call.
 
 `grpo.rollout.generate` uses it whenever the model allows; the HF path stays for FSDP
@@ -17,7 +19,9 @@ same seeds) with less work around it:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import MethodType
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -80,6 +84,33 @@ def growing_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
     return cache
 
 
+SMALL_BATCH = 64  # rows up to which a linear layer takes the weight-stationary GEMM
+
+
+def _few_rows_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward` as W @ x^T when x has few rows (decode steps), else the usual GEMM."""
+    flat = x.reshape(-1, x.shape[-1])  # (M, K)
+    if flat.shape[0] > SMALL_BATCH:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    out = torch.mm(self.weight, flat.t()).t()  # (M, N)
+    if self.bias is not None:
+        out = out + self.bias
+    return out.contiguous().view(*x.shape[:-1], out.shape[-1])
+
+
+@contextmanager
+def few_rows_linears(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: the model's plain `nn.Linear` layers use `_few_rows_linear` (same result)."""
+    patched = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    for module in patched:
+        module.forward = MethodType(_few_rows_linear, module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 @torch.no_grad()
 def decode(
     model: PreTrainedModel,
@@ -97,7 +128,20 @@ def decode(
     Row r stops after its first EOS; later positions hold `pad_id`. T is the longest completion.
     The caller puts the model in eval mode.
     """
-    G = num_return_sequences
+    with few_rows_linears(model):
+        return _decode(
+            model,
+            prompt_ids,
+            prompt_mask,
+            num_return_sequences,
+            max_new_tokens,
+            eos_ids,
+            pad_id,
+            choose,
+        )
+
+
+def _decode(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_id, choose):
     device = prompt_ids.device
     cache = growing_cache(model, prompt_ids.shape[1] + max_new_tokens)
     positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, P) as generate does

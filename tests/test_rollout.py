@@ -6,6 +6,7 @@ import pytest
 import tiny
 import torch
 
+from grpo.decode import SMALL_BATCH, few_rows_linears
 from grpo.loss import grpo_loss
 from grpo.rollout import (
     Sampling,
@@ -268,3 +269,16 @@ def test_pack_group_shares_one_prompt_per_group():
     seen = pk.attention[0, 0]  # (L, L) [query, key]
     assert seen[5].tolist() == [False, True, True, False, False, True, False]  # slot 1 token 0
     assert not seen[4, 5] and seen[4, 3]  # slots never see each other
+
+
+def test_few_rows_linears_compute_the_same_and_restore_the_layers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4, bias=False))
+    for rows in (1, 3, SMALL_BATCH + 1):  # the weight-stationary path and the usual one
+        x = torch.randn(2, rows, 8)
+        want = model(x)
+        with few_rows_linears(model):
+            assert "forward" in vars(model[0])
+            got = model(x)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert "forward" not in vars(model[0]) and "forward" not in vars(model[1])
