@@ -5,7 +5,9 @@ choices the tutorial got wrong are made once: KV cache on and the model in eval 
 generating, left padding, stopping on every EOS id of the generation config, sampling from the
 raw policy (top_p 1, top_k 0, no repetition penalty: the model's own sampling defaults never leak
 in), and completion masks built from the generated tokens (1 up to and including the first EOS),
-never from `pad_token_id`, which equals EOS for SmolLM2 and Qwen.
+never from `pad_token_id`, which equals EOS for SmolLM2 and Qwen. The decode loop itself is
+`grpo.decode` (the HF `generate` path stays for FSDP and stop strings); scoring packs each
+GRPO group's rows into one sequence so the prompt is computed once per group.
 """
 
 from __future__ import annotations
