@@ -27,6 +27,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from grpo import llama_step
+
 # picks the next token of the given rows (positions in the original batch) from their logits
 Chooser = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
@@ -143,7 +145,11 @@ def decode(
 
 def _decode(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_id, choose):
     device = prompt_ids.device
-    cache = growing_cache(model, prompt_ids.shape[1] + max_new_tokens)
+    lean = llama_step.supported(model)
+    if lean:
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = growing_cache(model, prompt_ids.shape[1] + max_new_tokens)
     positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, P) as generate does
     out = model(
         input_ids=prompt_ids,
@@ -153,10 +159,12 @@ def _decode(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_id, 
         use_cache=True,
         logits_to_keep=1,
     )
-    cache.batch_repeat_interleave(G)
+    if lean:
+        steps = llama_step.SharedPrefixSteps(model, cache, prompt_mask, G, max_new_tokens)
+    else:
+        steps = _CacheSteps(model, cache, prompt_mask, G)
     logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (N, V)
-    mask = prompt_mask.repeat_interleave(G, dim=0)  # (N, P + t)
-    next_position = positions[:, -1:].repeat_interleave(G, dim=0) + 1  # (N, 1)
+    next_position = positions[:, -1].repeat_interleave(G, dim=0) + 1  # (N,)
     alive = torch.arange(logits.shape[0], device=device)  # (n,) rows still decoding
     eos = torch.tensor(list(eos_ids), device=device)
     tokens = torch.full((logits.shape[0], max_new_tokens), pad_id, device=device)  # (N, T)
@@ -170,17 +178,33 @@ def _decode(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_id, 
             break
         if bool(finished.any()):
             keep = (~finished).nonzero().squeeze(1)  # (n',)
-            alive, token = alive[keep], token[keep]
-            mask, next_position = mask[keep], next_position[keep]
-            cache.batch_select_indices(keep)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (n, P + t + 1)
-        out = model(
-            input_ids=token.unsqueeze(1),
-            attention_mask=mask,
-            position_ids=next_position,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1].float()  # (n, V)
+            alive, token, next_position = alive[keep], token[keep], next_position[keep]
+            steps.drop(keep)
+        logits = steps.step(token, next_position).float()  # (n, V)
         next_position = next_position + 1
     return tokens[:, :length]  # (N, T)
+
+
+class _CacheSteps:
+    """Decode steps through the model's own forward over a `growing_cache` (any architecture):
+    the prompt KV is copied to each of its G rows."""
+
+    def __init__(self, model: PreTrainedModel, cache: DynamicCache, prompt_mask, G: int):
+        cache.batch_repeat_interleave(G)
+        self.model, self.cache = model, cache
+        self.mask = prompt_mask.repeat_interleave(G, dim=0)  # (n, P + t)
+
+    def drop(self, keep: torch.Tensor) -> None:
+        self.mask = self.mask[keep]
+        self.cache.batch_select_indices(keep)
+
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        out = self.model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=self.mask,
+            position_ids=position.unsqueeze(1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]  # (n, V)

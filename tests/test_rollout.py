@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
+from transformers import DynamicCache
 
+from grpo import llama_step
 from grpo.decode import SMALL_BATCH, few_rows_linears
 from grpo.loss import grpo_loss
 from grpo.rollout import (
@@ -170,9 +172,16 @@ def test_truncate_at_answer_cuts_after_closing_tag():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature):
-    """Prefill once per prompt, in-place KV cache, finished rows dropped: same tokens as HF."""
+@pytest.mark.parametrize("path", ["llama", "qwen2", "any-architecture"])
+def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monkeypatch):
+    """Prefill once per prompt, shared-prefix or in-place KV cache, finished rows dropped: the
+    same tokens as HF generate, on the plain-torch llama/qwen2 step and the generic path."""
     model, tokenizer = lm
+    if path == "qwen2":
+        model = tiny.build_model(tokenizer, arch="qwen2").eval()
+    assert llama_step.supported(model)
+    if path == "any-architecture":
+        monkeypatch.setattr(llama_step, "supported", lambda m: False)
     prompts = _prompts(tokenizer, 3)
     vocab = model.config.vocab_size
     eos = [2, *range(5, vocab, 7)]  # many EOS ids, so rows finish at different steps
@@ -199,6 +208,60 @@ def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature):
     assert lean.texts == hf.texts and lean.truncated == hf.truncated
     if temperature > 0:  # the comparison covered early and late finishers
         assert len(set(lean.num_tokens)) > 2 and max(lean.num_tokens) == 12, lean.num_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_step_logits_equal_the_full_forward(lm, arch):
+    """Teacher-forced steps over the shared-prefix cache, rows dropped midway: each step's
+    logits equal those of the HF forward over the whole sequence (prompt + tokens so far)."""
+    _, tokenizer = lm
+    model = tiny.build_model(tokenizer, seed=1, arch=arch).eval()
+    enc = tokenizer(_prompts(tokenizer, 3), return_tensors="pt", padding=True, padding_side="left")
+    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
+    B, G, steps = prompt_ids.shape[0], 3, 6
+    cache = DynamicCache(config=model.config)
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            past_key_values=cache,
+        )
+    state = llama_step.SharedPrefixSteps(model, cache, prompt_mask, G, steps)
+    fed = torch.randint(3, model.config.vocab_size, (B * G, steps))  # (N, steps)
+    alive = torch.arange(B * G)
+    for t in range(steps):
+        if t == 2:  # rows 1, 4 and 5 finish: groups lose one, two and no rows
+            keep = torch.tensor([i for i, r in enumerate(alive.tolist()) if r not in (1, 4, 5)])
+            state.drop(keep)
+            alive = alive[keep]
+        position = positions[alive // G, -1] + 1 + t
+        logits = state.step(fed[alive, t], position)  # (n, V)
+        ids, mask, pos = sequence_inputs(
+            prompt_ids[alive // G], prompt_mask[alive // G], fed[alive, : t + 1]
+        )
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-5)
+
+
+def test_llama_step_supports_only_what_it_reproduces(lm):
+    _, tokenizer = lm
+    model = tiny.build_model(tokenizer)
+    assert llama_step.supported(model)
+
+    class Adapted(torch.nn.Linear):
+        pass
+
+    layer = model.model.layers[1].self_attn
+    layer.q_proj = Adapted(layer.q_proj.in_features, layer.q_proj.out_features, bias=False)
+    assert not llama_step.supported(model)  # e.g. a LoRA-wrapped projection
+    model = tiny.build_model(tokenizer)
+    model.config.layer_types = ["full_attention", "sliding_attention"]
+    assert not llama_step.supported(model)
+    model.config.model_type = "gemma"
+    assert not llama_step.supported(model)
 
 
 def test_lean_decode_refuses_what_only_hf_supports(lm):

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -93,11 +100,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer, 32-wide random Llama whose EOS is the tokenizer's `<|im_end|>`."""
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, arch: str = "llama"
+) -> LlamaForCausalLM:
+    """A 2-layer, 32-wide random Llama (or Qwen2: q/k/v biases) whose EOS is `<|im_end|>`."""
     torch.manual_seed(seed)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -110,7 +123,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCa
         eos_token_id=eos,
         pad_token_id=eos,
     )
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.generation_config = GenerationConfig(eos_token_id=[eos], pad_token_id=eos)
     return model
 
