@@ -27,6 +27,7 @@ from transformers import (
 
 from grpo.data import build_messages
 from grpo.decode import decode
+from grpo.packed_attention import packed_attention
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str) -> str:
@@ -288,11 +289,16 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, scale: float) -
     return token_logit - torch.logsumexp(logits, dim=-1)  # (...)
 
 
-def _attention(model: torch.nn.Module) -> str | None:
-    """The attention implementation of a model, looking through DDP-style `.module` wrappers."""
+def _config(model: torch.nn.Module):
+    """The config of a model, looking through DDP-style `.module` wrappers (None if none)."""
     while not hasattr(model, "config") and hasattr(model, "module"):
         model = model.module
-    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return getattr(model, "config", None)
+
+
+def _attention(model: torch.nn.Module) -> str | None:
+    """The attention implementation of a model (see `_config`)."""
+    return getattr(_config(model), "_attn_implementation", None)
 
 
 def _row_logprobs(model, prompt_ids, prompt_mask, completion_ids, scale) -> torch.Tensor:
@@ -381,13 +387,15 @@ def _packed_logprobs(model, prompt_ids, prompt_mask, completion_ids, scale) -> t
     """Completion-token log-probs, rows packed by prompt (`pack_group`): (c, T)."""
     pk = pack_group(prompt_ids, prompt_mask, completion_ids)
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
-    logits = model(
-        input_ids=pk.input_ids,
-        attention_mask=pk.attention,
-        position_ids=pk.positions,
-        logits_to_keep=pk.keep,
-        use_cache=False,
-    ).logits  # (m, k*T, V): slot s's kept positions predict the tokens of slot s
+    with packed_attention(_config(model)):  # skips the masked-out slot-to-slot blocks
+        logits = model(
+            input_ids=pk.input_ids,
+            attention_mask=pk.attention,
+            position_ids=pk.positions,
+            logits_to_keep=pk.keep,
+            use_cache=False,
+            packed_layout=(P, (pk.input_ids.shape[1] - P) // T, T),
+        ).logits  # (m, k*T, V): slot s's kept positions predict the tokens of slot s
     logp = _token_logprobs(logits, pk.input_ids[:, P:], scale)  # (m, k*T)
     return logp.view(logp.shape[0], -1, T)[pk.group, pk.slot]  # (c, T)
 
