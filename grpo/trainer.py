@@ -498,7 +498,9 @@ class GRPOTrainer:
             [p for p in self.engine.parameters() if p.requires_grad],
             lr=cfg.learning_rate,
             weight_decay=cfg.weight_decay,
-            **({"fused": True} if self.device.type == "cuda" else {}),
+            # one fused kernel per step (0.12 s vs 0.60 s for 135M params on this CPU);
+            # FSDP's sharded DTensor parameters keep the default implementation
+            **({"fused": True} if self.device.type in ("cuda", "cpu") and not self.sharded else {}),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg, cfg.num_steps * cfg.mu)
