@@ -11,6 +11,12 @@ The hardware bound: this run measures the machine's fp32 matmul FLOP/s with a la
 `torch.matmul`; a decoder needs about 2·params FLOPs per generated token, so peak / (2·params)
 tokens/s is what arithmetic alone allows. Each side is reported as a fraction of it.
 
+What the linear layers alone allow: one decode step multiplies every weight matrix of the model
+by the step's rows (W @ x, as `grpo.llama_step` does); the script times exactly those GEMMs, on
+the model's own weights (538 MB at 135M fp32, far more than any cache, so they stream from
+memory as in a real step), and reports rows / that time as "GEMMs alone": no decode loop can
+beat it at that batch with this CPU's GEMM, whatever the loop around it.
+
 Cache off recomputes the whole sequence for every token (cost grows with length), so it runs
 once, at the smallest batch and `--cache-off-tokens` new tokens: its tokens/s at 128 would be
 lower still.
@@ -43,6 +49,19 @@ def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def gemm_floor(lm, rows: int, repeats: int = 3) -> float:
+    """Tokens/s the model's linear layers alone allow at `rows` rows per decode step."""
+    weights = [m.weight for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(w.shape[1], rows) for w in weights}  # (in, rows)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for w in weights:
+            torch.mm(w, inputs[w.shape[1]])  # (out, rows)
+        best = min(best, time.perf_counter() - start)
+    return rows / best
 
 
 def rollout(lm, tokenizer, prompts, group, max_new_tokens, eos_ids, engine, use_cache=True):
@@ -118,6 +137,10 @@ def main() -> None:
                 f"{rows:>4} {name:>22} {min(values):8.1f} {median:8.1f}           "
                 f"{median / bound:7.1%}  {agree}"
             )
+        floor = gemm_floor(lm, rows)
+        print(f"{rows:>4} {'GEMMs alone':>22} {floor:8.1f}                    {floor / bound:7.1%}")
+        share = statistics.median(speeds["ours"]) / floor
+        print(f"{rows:>4} {'ours / GEMMs alone':>22} {share:8.2f}")
         ratio = statistics.median(speeds["ours"]) / statistics.median(
             speeds["HF generate (cache on)"]
         )
