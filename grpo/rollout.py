@@ -91,14 +91,12 @@ def row_seeds(seed: int, stream: int, rows: Sequence[int]) -> list[int]:
 
 
 class SeededSampler(LogitsProcessor):
-    """Sampling by inverting the CDF with one random generator per row.
+    """Sampling by the Gumbel-max trick with one random generator per row.
 
-    Row r draws u ~ U[0, 1) from its own seeded generator and takes the first token whose
-    cumulative probability under softmax(logits / T) exceeds u: an exact sample, needing one
-    random number per row and token (not one per vocabulary entry, as Gumbel-max would), and
-    independent of which other rows share the batch. Runs inside `generate` with greedy
-    decoding, so none of the model's own sampling defaults (top_k 20, top_p 0.8, repetition
-    penalty...) can apply.
+    argmax(logits / T + Gumbel noise) is an exact sample of softmax(logits / T); drawing each
+    row's noise from its own seeded generator makes the sample independent of which other rows
+    share the batch. Runs inside `generate` with greedy decoding, so none of the model's own
+    sampling defaults (top_k 20, top_p 0.8, repetition penalty...) can apply.
     """
 
     def __init__(self, sampling: Sampling, seeds: Sequence[int]) -> None:
@@ -108,15 +106,16 @@ class SeededSampler(LogitsProcessor):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Scores of every row (the HF path): 0 at the sampled token, -inf elsewhere."""
+        """Noisy scores of every row (the HF path): greedy argmax of them is the sample."""
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"{scores.shape[0]} rows but {len(self.generators)} row seeds")
-        token = self.choose(scores, range(len(self.generators)))  # (n,)
-        out = torch.full_like(scores, float("-inf"))  # (n, V)
-        return out.scatter_(1, token[:, None], 0.0)
+        return self._noisy(scores, range(len(self.generators)))
 
     def choose(self, scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         """The sampled token of each of `rows` (indices into the seeds) from their scores."""
+        return self._noisy(scores, rows).argmax(dim=-1)  # (n,)
+
+    def _noisy(self, scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         s = self.sampling
         logits = scores.float() / s.temperature  # (n, V)
         if 0 < s.top_k < logits.shape[-1]:
@@ -127,11 +126,11 @@ class SeededSampler(LogitsProcessor):
             probs = torch.softmax(sorted_logits, dim=-1)
             outside = (torch.cumsum(probs, dim=-1) - probs) > s.top_p  # mass before token
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-        cdf = torch.cumsum(torch.softmax(logits, dim=-1).double(), dim=-1)  # (n, V)
-        uniform = torch.cat([torch.rand(1, generator=self.generators[r]) for r in rows])  # (n,)
-        target = (uniform.double().to(cdf.device) * cdf[:, -1])[:, None]  # (n, 1)
-        token = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (n,) first cdf > u
-        return token.clamp(max=logits.shape[-1] - 1)
+        vocab = logits.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=self.generators[r]) for r in rows])
+        tiny = torch.finfo(torch.float32).tiny
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny)))  # (n, V)
+        return logits + gumbel.to(logits.device)
 
 
 def greedy_choice(scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
