@@ -3,14 +3,14 @@
 Does the same arithmetic as `model.generate` with a KV cache (so the tokens are the same for the
 same seeds) with less work around it:
 
-- each distinct prompt is prefilled once and its KV rows are shared by its G samples
+- each distinct prompt is prefilled once and its KV is shared by its G samples
   (`generate` prefills all B·G copies);
-- the KV cache grows in place inside buffers sized for prompt + completion, instead of
-  concatenating a new copy of every layer's keys and values at every token;
+- llama/qwen2 models then step through `grpo.llama_step` (plain torch, the prompt's KV held
+  and read once per group); any other architecture steps through its HF forward over a KV
+  cache that grows in place (no new copy of every layer's keys and values at every token),
+  with every `nn.Linear` computing W @ x^T for the few rows of a decode step;
 - a row that has sampled an EOS leaves the batch (its KV rows are dropped), and the loop stops
   when no row is left, instead of decoding padding for finished rows until the longest ends;
-- every `nn.Linear` computes W @ x^T for the few rows of a decode step, which the CPU GEMM
-  runs up to 1.8x faster than x @ W^T at 16-32 rows (`bench/rollout.py` measures the effect);
 - no logits processors, stopping criteria or per-step input preparation beyond the model call.
 
 `grpo.rollout.generate` uses it whenever the model allows; the HF path stays for FSDP
