@@ -9,8 +9,10 @@ same seeds) with less work around it:
   and read once per group); any other architecture steps through its HF forward over a KV
   cache that grows in place (no new copy of every layer's keys and values at every token),
   with every `nn.Linear` computing W @ x^T for the few rows of a decode step;
-- a row that has sampled an EOS leaves the batch (its KV rows are dropped), and the loop stops
-  when no row is left, instead of decoding padding for finished rows until the longest ends;
+- a row that has sampled an EOS leaves the batch (its KV rows are dropped) as soon as that saves
+  work (`should_drop` of the step state: at once on the HF path; on the llama/qwen2 path when
+  the live rows fit in fewer GEMM column blocks), and the loop stops when no row is left,
+  instead of decoding padding for finished rows until the longest ends;
 - no logits processors, stopping criteria or per-step input preparation beyond the model call.
 
 `grpo.rollout.generate` uses it whenever the model allows; the HF path stays for FSDP
@@ -165,22 +167,30 @@ def _decode(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_id, 
         steps = _CacheSteps(model, cache, prompt_mask, G)
     logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (N, V)
     next_position = positions[:, -1].repeat_interleave(G, dim=0) + 1  # (N,)
-    alive = torch.arange(logits.shape[0], device=device)  # (n,) rows still decoding
+    held = torch.arange(logits.shape[0], device=device)  # (h,) rows the step state holds
+    live = torch.ones_like(held, dtype=torch.bool)  # (h,) which of them still decode
     eos = torch.tensor(list(eos_ids), device=device)
     tokens = torch.full((logits.shape[0], max_new_tokens), pad_id, device=device)  # (N, T)
     length = 0
     for t in range(max_new_tokens):
-        token = choose(logits, alive.tolist()).to(device)  # (n,)
-        tokens[alive, t] = token
+        every = bool(live.all())
+        rows = held if every else held[live]  # (n,) rows still decoding
+        token = choose(logits if every else logits[live], rows.tolist()).to(device)  # (n,)
+        tokens[rows, t] = token
         length = t + 1
         finished = torch.isin(token, eos)  # (n,)
         if t == max_new_tokens - 1 or bool(finished.all()):
             break
+        feed = torch.full_like(held, pad_id)  # (h,) finished rows are fed padding, never read
         if bool(finished.any()):
-            keep = (~finished).nonzero().squeeze(1)  # (n',)
-            alive, token, next_position = alive[keep], token[keep], next_position[keep]
+            live[live.nonzero().squeeze(1)[finished]] = False
+        feed[live] = token[~finished]
+        if steps.should_drop(int(live.sum()), held.shape[0]):
+            keep = live.nonzero().squeeze(1)  # (h',)
+            held, live, feed = held[keep], live[keep], feed[keep]
+            next_position = next_position[keep]
             steps.drop(keep)
-        logits = steps.step(token, next_position).float()  # (n, V)
+        logits = steps.step(feed, next_position).float()  # (h, V)
         next_position = next_position + 1
     return tokens[:, :length]  # (N, T)
 
@@ -193,6 +203,10 @@ class _CacheSteps:
         cache.batch_repeat_interleave(G)
         self.model, self.cache = model, cache
         self.mask = prompt_mask.repeat_interleave(G, dim=0)  # (n, P + t)
+
+    def should_drop(self, live: int, held: int) -> bool:
+        """Finished rows leave at once: every row costs a whole row of work here."""
+        return live < held
 
     def drop(self, keep: torch.Tensor) -> None:
         self.mask = self.mask[keep]

@@ -10,8 +10,8 @@ model's own weights, rotary embedding and activation, and less work around it:
   scores [its prompt's keys, its own keys] and one softmax covers both, which is exactly
   attention over the concatenated sequence;
 - the residual stream is kept transposed (hidden, rows), so every linear layer is one
-  weight-stationary GEMM W @ x with no transposes or copies around it (this CPU's GEMM runs
-  W @ x^T up to 1.8x faster than x @ W^T at 16-32 rows);
+  weight-stationary GEMM W @ x, run by `grpo.skinny_gemm` on CPU (1.5x MKL's speed at 16-32
+  rows here; MKL in turn runs W @ x^T up to 1.8x faster than x @ W^T);
 - no masks, cache objects, hooks or output classes are built per step.
 
 `supported` says whether a model qualifies; everything else takes the HF path of `grpo.decode`.
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+
+from grpo import skinny_gemm
 
 ARCHITECTURES = ("llama", "qwen2")
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -52,27 +54,42 @@ def supported(model: torch.nn.Module) -> bool:
     return True
 
 
-COLUMN_BLOCK = 16  # the CPU GEMM runs W @ x fastest when x has a multiple of 16 columns
+COLUMN_BLOCK = 16  # x of W @ x gets a multiple of 16 columns (what the GEMMs run fastest)
 
 
-def _linear(module: torch.nn.Linear, xt: torch.Tensor) -> torch.Tensor:
-    """module(x) in the transposed layout: (in, n) -> (out, n).
-
-    x gets zero columns up to a multiple of COLUMN_BLOCK first: at 31 columns this CPU's GEMM
-    takes 1.7x as long as at 32 (`bench/rollout.py` runs through it).
-    """
-    n = xt.shape[1]
-    width = -(-n // COLUMN_BLOCK) * COLUMN_BLOCK
-    if width != n:
-        xt = torch.nn.functional.pad(xt, (0, width - n))  # (in, width)
-    out = torch.mm(module.weight, xt)[:, :n]  # (out, n)
-    return out if module.bias is None else out + module.bias[:, None]
+def _width(n: int) -> int:
+    """n columns rounded up to a multiple of COLUMN_BLOCK."""
+    return -(-n // COLUMN_BLOCK) * COLUMN_BLOCK
 
 
-def _rms_norm(norm: torch.nn.Module, xt: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm over the hidden axis of a transposed (hidden, n) stream."""
-    variance = xt.float().pow(2).mean(0, keepdim=True)  # (1, n)
-    return norm.weight[:, None] * (xt * torch.rsqrt(variance + norm.variance_epsilon)).to(xt.dtype)
+def _linear(weight: torch.Tensor, bias, x: torch.Tensor, n: int) -> torch.Tensor:
+    """x.T @ weight.T + bias, transposed: first n columns of x (in, width) -> (out, n)."""
+    out = skinny_gemm.mm(weight, x)[:, :n]  # (out, n)
+    return out if bias is None else out + bias[:, None]
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm of (n, hidden) rows (one fused op)."""
+    return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _stack(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weights (and biases, zeros where one has none) of linears on the same input, stacked."""
+    weight = torch.cat([m.weight for m in linears])  # (sum out, in)
+    if all(m.bias is None for m in linears):
+        return weight, None
+    zeros = linears[0].weight.new_zeros
+    return weight, torch.cat([zeros(m.out_features) if m.bias is None else m.bias for m in linears])
+
+
+class _Fused:
+    """A layer's q/k/v and gate/up projections stacked, so each group is one GEMM; built per
+    decode (the policy changes between rollouts), freed with it."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv, self.qkv_bias = _stack((attn.q_proj, attn.k_proj, attn.v_proj))  # ((H+2Hkv)D, C)
+        self.gate_up, self.gate_up_bias = _stack((mlp.gate_proj, mlp.up_proj))  # (2·I, C)
 
 
 def _rotate(xt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,7 +104,7 @@ class SharedPrefixSteps:
 
     Built from the prompt KV of a prefill (`from_prefill`); `step` feeds one token per live
     row and returns the next-token logits. Rows are numbered 0..B·G-1, G consecutive rows per
-    prompt; `alive` lists the rows still decoding (in order).
+    prompt; `alive` lists the rows the state holds (in order; see `should_drop`).
     """
 
     def __init__(self, model: PreTrainedModel, cache: DynamicCache, prompt_mask, G, capacity):
@@ -109,7 +126,16 @@ class SharedPrefixSteps:
         self.own_keys = [k.new_zeros(shape) for k in self.prefix_keys]  # L x (n, Hkv, C, D)
         self.own_values = [v.new_zeros(shape) for v in self.prefix_values]  # L x (n, Hkv, C, D)
         self.length = 0  # completion tokens in the own cache
+        self.operands: dict[tuple[int, int], torch.Tensor] = {}  # (K, width) -> GEMM operand
         self.alive = torch.arange(self.N, device=prompt_mask.device)  # (n,)
+        self.fused = [_Fused(layer) for layer in self.layers]
+
+    def should_drop(self, live: int, held: int) -> bool:
+        """Drop finished rows only when the live ones fit in fewer GEMM column blocks: below
+        that a finished row costs a little attention and no GEMM time (the columns are padded to
+        COLUMN_BLOCK anyway), while dropping turns every later step's attention into the
+        scatter/gather path for a partial group grid."""
+        return _width(live) < _width(held)
 
     def drop(self, keep: torch.Tensor) -> None:
         """Keep only the live rows at positions `keep` (indices into the current live rows)."""
@@ -121,27 +147,45 @@ class SharedPrefixSteps:
     def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Next-token logits (n, V) after feeding `token` (n,) at `position` (n,) to live rows."""
         model, t = self.model, self.length
-        xt = model.model.embed_tokens(token).t()  # (C, n)
-        cos, sin = model.model.rotary_emb(xt, position[None])  # (1, n, D)
+        n, D, H, Hkv = token.shape[0], self.head_dim, self.heads, self.kv_heads
+        x = model.model.embed_tokens(token)  # (n, C)
+        cos, sin = model.model.rotary_emb(x, position[None])  # (1, n, D)
         cos, sin = cos[0].t(), sin[0].t()  # (D, n)
-        n, D = token.shape[0], self.head_dim
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = _rms_norm(layer.input_layernorm, xt)  # (C, n)
-            q = _rotate(_linear(attn.q_proj, h).view(self.heads, D, n), cos, sin)  # (H, D, n)
-            k = _rotate(_linear(attn.k_proj, h).view(self.kv_heads, D, n), cos, sin)
-            v = _linear(attn.v_proj, h).view(self.kv_heads, D, n)  # (Hkv, D, n)
-            self.own_keys[i][:, :, t] = k.permute(2, 0, 1)
-            self.own_values[i][:, :, t] = v.permute(2, 0, 1)
-            out = self._attention(i, q.permute(2, 0, 1), attn.scaling, t + 1)  # (n, H, D)
-            xt = xt + _linear(attn.o_proj, out.reshape(n, -1).t())  # (C, n)
-            h = _rms_norm(layer.post_attention_layernorm, xt)
-            mlp = layer.mlp
-            gated = mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h)  # (I, n)
-            xt = xt + _linear(mlp.down_proj, gated)  # (C, n)
+            attn, mlp, fused = layer.self_attn, layer.mlp, self.fused[i]
+            h = self._operand(_rms_norm(layer.input_layernorm, x).t())  # (C, width)
+            qkv = _linear(fused.qkv, fused.qkv_bias, h, n).view(H + 2 * Hkv, D, n)
+            qk = _rotate(qkv[: H + Hkv], cos, sin)  # (H + Hkv, D, n)
+            self.own_keys[i][:, :, t] = qk[H:].permute(2, 0, 1)
+            self.own_values[i][:, :, t] = qkv[H + Hkv :].permute(2, 0, 1)
+            out = self._attention(i, qk[:H].permute(2, 0, 1), attn.scaling, t + 1)  # (n, H, D)
+            o = attn.o_proj
+            x = x + _linear(o.weight, o.bias, self._operand(out.reshape(n, -1).t()), n).t()
+            h = self._operand(_rms_norm(layer.post_attention_layernorm, x).t())  # (C, width)
+            gate_up = _linear(fused.gate_up, fused.gate_up_bias, h, n)  # (2·I, n)
+            inner = gate_up.shape[0] // 2
+            gated = mlp.act_fn(gate_up[:inner]) * gate_up[inner:]  # (I, n)
+            down = mlp.down_proj
+            x = x + _linear(down.weight, down.bias, self._operand(gated), n).t()  # (n, C)
         self.length = t + 1
-        h = _rms_norm(model.model.norm, xt)
-        return _linear(model.lm_head, h).t().contiguous()  # (n, V)
+        h = self._operand(_rms_norm(model.model.norm, x).t())  # (C, width)
+        head = model.lm_head
+        return _linear(head.weight, head.bias, h, n).t().contiguous()  # (n, V)
+
+    def _operand(self, xt: torch.Tensor) -> torch.Tensor:
+        """xt (K, n) as a contiguous (K, width) GEMM operand, width = n rounded up to a multiple
+        of COLUMN_BLOCK: `grpo.skinny_gemm` takes 16 or 32 columns at a time, and MKL (its
+        fallback) takes 1.7x as long at 31 columns as at 32 on this CPU. One reused buffer per
+        shape; what the padding columns hold never matters (columns of W @ x do not mix)."""
+        K, n = xt.shape
+        width = _width(n)
+        if width == n and xt.is_contiguous():
+            return xt
+        buffer = self.operands.get((K, width))
+        if buffer is None:
+            buffer = self.operands[(K, width)] = xt.new_zeros(K, width)  # (K, width)
+        buffer[:, :n] = xt
+        return buffer
 
     def _attention(self, i: int, q: torch.Tensor, scaling: float, own: int) -> torch.Tensor:
         """Attention of live rows' queries (n, H, D) over [prompt KV, first `own` own KV]."""
@@ -149,17 +193,17 @@ class SharedPrefixSteps:
         n, H, D = q.shape
         rep = H // Hkv
         full = n == N
-        q = q.reshape(n, Hkv, rep, D)
+        q = q.reshape(n, Hkv, rep, D) * scaling
         grid = q if full else q.new_zeros(N, Hkv, rep, D).index_copy_(0, self.alive, q)
         grouped = grid.view(B, G, Hkv, rep, D).transpose(1, 2).reshape(B, Hkv, G * rep, D)
         pre = torch.matmul(grouped, self.prefix_keys[i].transpose(-1, -2))  # (B, Hkv, G·rep, P)
-        pre = pre * scaling + self.prefix_bias
+        pre = pre + self.prefix_bias
         P = pre.shape[-1]
         pre = pre.view(B, Hkv, G, rep, P).transpose(1, 2).reshape(N, Hkv, rep, P)
         if not full:
             pre = pre[self.alive]  # (n, Hkv, rep, P)
         keys = self.own_keys[i][:, :, :own]  # (n, Hkv, s, D)
-        mine = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # (n, Hkv, rep, s)
+        mine = torch.matmul(q, keys.transpose(-1, -2))  # (n, Hkv, rep, s)
         probs = torch.softmax(torch.cat([pre, mine], dim=-1), dim=-1)  # (n, Hkv, rep, P + s)
         p_pre, p_own = probs[..., :P], probs[..., P:]
         if not full:

@@ -172,16 +172,28 @@ def test_truncate_at_answer_cuts_after_closing_tag():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("path", ["llama", "qwen2", "any-architecture"])
+@pytest.mark.parametrize("path", ["llama", "llama-4-columns", "qwen2", "any-architecture"])
 def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monkeypatch):
     """Prefill once per prompt, shared-prefix or in-place KV cache, finished rows dropped: the
-    same tokens as HF generate, on the plain-torch llama/qwen2 step and the generic path."""
+    same tokens as HF generate, on the plain-torch llama/qwen2 step and the generic path.
+
+    The llama step drops finished rows when the live ones fit in fewer column blocks: with 12
+    rows and blocks of 16 it never does, with blocks of 4 it drops them midway."""
     model, tokenizer = lm
     if path == "qwen2":
         model = tiny.build_model(tokenizer, arch="qwen2").eval()
     assert llama_step.supported(model)
     if path == "any-architecture":
         monkeypatch.setattr(llama_step, "supported", lambda m: False)
+    drops = []
+    if path == "llama-4-columns":
+        monkeypatch.setattr(llama_step, "COLUMN_BLOCK", 4)
+        keep_rows = llama_step.SharedPrefixSteps.drop
+        monkeypatch.setattr(
+            llama_step.SharedPrefixSteps,
+            "drop",
+            lambda self, keep: drops.append(len(keep)) or keep_rows(self, keep),
+        )
     prompts = _prompts(tokenizer, 3)
     vocab = model.config.vocab_size
     eos = [2, *range(5, vocab, 7)]  # many EOS ids, so rows finish at different steps
@@ -208,14 +220,24 @@ def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monk
     assert lean.texts == hf.texts and lean.truncated == hf.truncated
     if temperature > 0:  # the comparison covered early and late finishers
         assert len(set(lean.num_tokens)) > 2 and max(lean.num_tokens) == 12, lean.num_tokens
+        if path == "llama-4-columns":
+            assert drops and drops == sorted(drops, reverse=True), drops  # rows left midway
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-biases"])
 def test_llama_step_logits_equal_the_full_forward(lm, arch):
     """Teacher-forced steps over the shared-prefix cache, rows dropped midway: each step's
-    logits equal those of the HF forward over the whole sequence (prompt + tokens so far)."""
+    logits equal those of the HF forward over the whole sequence (prompt + tokens so far).
+    Covers q/k/v biases (qwen2) and biases on every projection (llama with attention_bias and
+    mlp_bias), which the step's stacked q/k/v and gate/up GEMMs carry."""
     _, tokenizer = lm
-    model = tiny.build_model(tokenizer, seed=1, arch=arch).eval()
+    if arch == "llama-biases":
+        model = tiny.build_model(tokenizer, seed=1, attention_bias=True, mlp_bias=True).eval()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.normal_(module.bias)  # HF initializes them to zero
+    else:
+        model = tiny.build_model(tokenizer, seed=1, arch=arch).eval()
     enc = tokenizer(_prompts(tokenizer, 3), return_tensors="pt", padding=True, padding_side="left")
     prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
     B, G, steps = prompt_ids.shape[0], 3, 6

@@ -1,4 +1,5 @@
-"""dvc.yaml lists, for every stage, exactly the project modules its code imports (transitively).
+"""dvc.yaml lists, for every stage, exactly the project modules its code imports (transitively),
+and the C sources those modules compile.
 
 A module missing from `deps:` means editing it would not rerun the stage (stale results that
 look current); an extra one means needless reruns.
@@ -59,3 +60,8 @@ def test_stage_deps_are_the_modules_its_code_imports(name, cmd, deps):
     imported = _closure(entry)
     assert not imported - listed, f"{name}: add to deps in dvc.yaml: {sorted(imported - listed)}"
     assert not listed - imported, f"{name}: not imported, drop: {sorted(listed - imported)}"
+    # a module built from a C source of the same name (grpo/skinny_gemm.c) depends on it too
+    sources = {Path(m).with_suffix(".c").as_posix() for m in imported}
+    sources = {s for s in sources if (REPO / s).is_file()}
+    listed_sources = {d for d in deps if d.endswith(".c")}
+    assert sources == listed_sources, f"{name}: C sources in deps should be {sorted(sources)}"

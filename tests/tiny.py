@@ -101,16 +101,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_model(
-    tokenizer: PreTrainedTokenizerFast, seed: int = 0, arch: str = "llama"
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, arch: str = "llama", **config
 ) -> LlamaForCausalLM:
-    """A 2-layer, 32-wide random Llama (or Qwen2: q/k/v biases) whose EOS is `<|im_end|>`."""
+    """A 2-layer, 32-wide random Llama (or Qwen2: q/k/v biases) whose EOS is `<|im_end|>`;
+    `config` overrides config fields."""
     torch.manual_seed(seed)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config_class, model_class = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     }[arch]
-    config = config_class(
+    settings = config_class(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -122,8 +123,9 @@ def build_model(
         bos_token_id=None,
         eos_token_id=eos,
         pad_token_id=eos,
+        **config,
     )
-    model = model_class(config)
+    model = model_class(settings)
     model.generation_config = GenerationConfig(eos_token_id=[eos], pad_token_id=eos)
     return model
 
