@@ -265,8 +265,13 @@ def completion_logprobs(
     *,
     temperature: float = 1.0,
     chunk_size: int = 4,
+    completion_mask: torch.Tensor | None = None,  # (N, T) 1 up to and including the first EOS
 ) -> torch.Tensor:
     """Log-prob of each completion token under `model` (sampling temperature applied): (N, T).
+
+    With `completion_mask`, each chunk is scored only up to its longest completion (positions
+    past it are 0, masked out anyway): a group whose four completions end by token 40 costs
+    40 positions per slot, not the batch's longest (often `max_completion_length`).
 
     Rows are processed `chunk_size` at a time and only the T completion positions get logits, so
     the full (N, P + T, V) logits tensor is never built. Gradients flow when grad is enabled.
@@ -279,10 +284,13 @@ def completion_logprobs(
     rows = []
     for begin in range(0, prompt_ids.shape[0], chunk_size):
         chunk = slice(begin, begin + chunk_size)
+        completions = completion_ids[chunk]  # (c, T)
+        if completion_mask is not None:
+            longest = max(int(completion_mask[chunk].sum(dim=1).max()), 1)
+            completions = completions[:, :longest]  # (c, T')
         score = _packed_logprobs if packed else _row_logprobs
-        rows.append(
-            score(model, prompt_ids[chunk], prompt_mask[chunk], completion_ids[chunk], scale)
-        )
+        logp = score(model, prompt_ids[chunk], prompt_mask[chunk], completions, scale)  # (c, T')
+        rows.append(torch.nn.functional.pad(logp, (0, completion_ids.shape[1] - logp.shape[1])))
     return torch.cat(rows, dim=0)  # (N, T)
 
 

@@ -260,6 +260,7 @@ class GRPOTrainer:
                 gen.completion_ids,
                 temperature=self.cfg.temperature,
                 chunk_size=self.cfg.micro_batch_size,
+                completion_mask=gen.completion_mask,
             )  # (N, T)
 
     def rollout(self, step: int) -> Rollout:
@@ -341,6 +342,7 @@ class GRPOTrainer:
                             ro.gen.completion_ids[rows],
                             temperature=cfg.temperature,
                             chunk_size=cfg.micro_batch_size,
+                            completion_mask=mask,
                         )  # (m, T)
                     out = grpo_loss(
                         logp,

@@ -318,6 +318,7 @@ def test_packed_logprobs_and_gradients_match_one_sequence_per_row(lm):
         num_return_sequences=3,
     )
     assert gen.prompt_mask.min() == 0 and len(set(gen.num_tokens)) > 1
+    assert min(gen.num_tokens) < gen.completion_ids.shape[1]  # trimming a chunk of 1 row bites
     args = (gen.prompt_ids, gen.prompt_mask, gen.completion_ids)
     advantages = torch.linspace(-1, 1, 9)
     mask = gen.completion_mask
@@ -331,10 +332,11 @@ def test_packed_logprobs_and_gradients_match_one_sequence_per_row(lm):
         return logp.detach(), out.loss.detach(), grads
 
     ref_logp, ref_loss, ref_grads = loss_and_grads(lambda: _reference_logprobs(model, *args))
-    for chunk in (1, 2, 3, 4, 9):
-        logp, loss, grads = loss_and_grads(
-            lambda chunk=chunk: completion_logprobs(model, *args, chunk_size=chunk)
-        )
+    for chunk, trim in [(1, False), (2, False), (3, False), (4, False), (9, False), (1, True)]:
+        kw = {"chunk_size": chunk, "completion_mask": mask if trim else None}  # trim: per chunk
+        logp, loss, grads = loss_and_grads(lambda kw=kw: completion_logprobs(model, *args, **kw))
+        if trim:
+            assert (logp[~mask.bool()] == 0).all()
         torch.testing.assert_close(logp[mask.bool()], ref_logp[mask.bool()], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
         for got, want in zip(grads, ref_grads, strict=True):
