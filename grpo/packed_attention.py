@@ -1,16 +1,17 @@
 """Attention over a packed GRPO group that skips the blocks its mask rules out.
 
 Owns the attention used when scoring packed groups (`grpo.rollout.pack_group`: a prompt of P
-tokens, then k completion slots of T tokens; a slot sees the prompt and, causally, itself).
-Plain SDPA with that (P + kT)^2 mask computes every masked-out slot-to-slot block too; here
-the prompt attends to itself, and each slot attends to [prompt keys, its own keys] as a batch
-of k short sequences: P^2 + k·T·(P + T) scores instead of (P + kT)^2 (about 3x fewer at
-P = 110, k = 4, T = 128), in the forward and the backward. The mask entries used are slices of
-the packed mask itself, so the result is the same attention, only computed in pieces.
+tokens, then completion slots back to back, slot s of its own length T_s; a slot sees the
+prompt and, causally, itself). Plain SDPA with that (P + ΣT_s)^2 mask computes every
+masked-out slot-to-slot block too; here the prompt attends to itself, and each slot attends to
+[prompt keys, its own keys]: P^2 + Σ T_s·(P + T_s) scores instead of (P + ΣT_s)^2 (about 3x
+fewer at P = 110 and four slots of 128), in the forward and the backward. The mask entries
+used are slices of the packed mask itself, so the result is the same attention, only computed
+in pieces.
 
 `packed_attention(model)` switches a model with SDPA attention to it for the duration;
-the model's forward then takes `packed_layout=(P, k, T)`. Without that argument (and for
-anything but a packed group) the function is exactly SDPA.
+the model's forward then takes `packed_layout=(P, slots per sequence)`. Without that argument
+(and for anything but a packed group) the function is exactly SDPA.
 """
 
 from __future__ import annotations
@@ -33,56 +34,59 @@ def _sdpa(query, key, value, mask, scaling):
     )
 
 
+def _with_prompt(x: torch.Tensor, P: int, a: int, n: int, dim: int) -> torch.Tensor:
+    """The prompt's positions then slot a:a+n's, along `dim` (keys/values: 2, mask: 3)."""
+    return torch.cat([x.narrow(dim, 0, P), x.narrow(dim, a, n)], dim=dim)
+
+
 def packed_sdpa_forward(
     module: torch.nn.Module,
-    query: torch.Tensor,  # (m, H, L, D) L = P + k*T
+    query: torch.Tensor,  # (m, H, L, D)
     key: torch.Tensor,  # (m, Hkv, L, D)
     value: torch.Tensor,  # (m, Hkv, L, D)
     attention_mask: torch.Tensor | None,  # (m, 1, L, L) bool, True = may attend
     dropout: float = 0.0,
     scaling: float | None = None,
-    packed_layout: tuple[int, int, int] | None = None,
+    packed_layout: tuple | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """HF attention-interface function: SDPA, in pieces when `packed_layout` is given."""
+    """HF attention-interface function: SDPA, in pieces when `packed_layout` is given.
+
+    `packed_layout` = (P, per sequence: ((start, length) of each completion slot, ...)); the
+    positions after a sequence's last slot are padding: their output is zero, and no other
+    position attends to them (the packed mask says so).
+    """
     if packed_layout is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if dropout or attention_mask is None or attention_mask.dtype != torch.bool:
         raise ValueError("packed attention needs a boolean packed mask and no dropout")
-    P, k, T = packed_layout
+    P, sequences = packed_layout
     m, H, L, D = query.shape
-    Hkv = key.shape[1]
-    if P + k * T != L:
-        raise ValueError(f"packed layout {packed_layout} does not match {L} positions")
+    if len(sequences) != m or any(a + n > L for slots in sequences for a, n in slots):
+        raise ValueError(f"packed layout {packed_layout} does not match {m} x {L} positions")
     prompt = _sdpa(
         query[:, :, :P], key[:, :, :P], value[:, :, :P], attention_mask[:, :, :P, :P], scaling
     )  # (m, H, P, D)
-
-    def per_slot(x: torch.Tensor) -> torch.Tensor:  # (m, h, k*T, D) -> (m*k, h, T, D)
-        h = x.shape[1]
-        return x[:, :, P:].reshape(m, h, k, T, D).transpose(1, 2).reshape(m * k, h, T, D)
-
-    def with_prompt(x: torch.Tensor) -> torch.Tensor:  # (m, Hkv, L, D) -> (m*k, Hkv, P+T, D)
-        shared = x[:, None, :, :P].expand(m, k, Hkv, P, D)
-        own = per_slot(x).view(m, k, Hkv, T, D)
-        return torch.cat([shared, own], dim=3).reshape(m * k, Hkv, P + T, D)
-
-    starts = [P + s * T for s in range(k)]
-    mask = torch.stack(
-        [
-            torch.cat(
-                [attention_mask[:, 0, a : a + T, :P], attention_mask[:, 0, a : a + T, a : a + T]],
-                dim=-1,
-            )
-            for a in starts
-        ],
-        dim=1,
-    ).view(m * k, 1, T, P + T)  # slot rows: [prompt keys, own keys]
-    slots = _sdpa(per_slot(query), with_prompt(key), with_prompt(value), mask, scaling)
-    slots = slots.view(m, k, H, T, D).transpose(1, 2).reshape(m, H, k * T, D)
-    out = torch.cat([prompt, slots], dim=2)  # (m, H, L, D)
+    rows = []
+    for i, slots in enumerate(sequences):
+        parts = [prompt[i : i + 1]]
+        for a, n in slots:  # slot rows: [prompt keys, own keys]
+            parts.append(
+                _sdpa(
+                    query[i : i + 1, :, a : a + n],
+                    _with_prompt(key[i : i + 1], P, a, n, dim=2),  # (1, Hkv, P + n, D)
+                    _with_prompt(value[i : i + 1], P, a, n, dim=2),
+                    _with_prompt(attention_mask[i : i + 1, :, a : a + n], P, a, n, dim=3),
+                    scaling,
+                )
+            )  # (1, H, n, D)
+        end = P + sum(n for _, n in slots)
+        if end < L:
+            parts.append(query.new_zeros(1, H, L - end, D))  # padding
+        rows.append(torch.cat(parts, dim=2))  # (1, H, L, D)
+    out = torch.cat(rows, dim=0)  # (m, H, L, D)
     return out.transpose(1, 2).contiguous(), None  # (m, L, H, D) as HF expects
 
 

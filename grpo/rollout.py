@@ -269,9 +269,10 @@ def completion_logprobs(
 ) -> torch.Tensor:
     """Log-prob of each completion token under `model` (sampling temperature applied): (N, T).
 
-    With `completion_mask`, each chunk is scored only up to its longest completion (positions
-    past it are 0, masked out anyway): a group whose four completions end by token 40 costs
-    40 positions per slot, not the batch's longest (often `max_completion_length`).
+    With `completion_mask`, each row is scored only up to its own length (positions past it
+    are 0, masked out anyway): packed, a completion that ends at token 40 costs 40 positions,
+    not the batch's longest (often `max_completion_length`); one sequence per row, a chunk
+    costs its longest row.
 
     Rows are processed `chunk_size` at a time and only the T completion positions get logits, so
     the full (N, P + T, V) logits tensor is never built. Gradients flow when grad is enabled.
@@ -285,11 +286,15 @@ def completion_logprobs(
     for begin in range(0, prompt_ids.shape[0], chunk_size):
         chunk = slice(begin, begin + chunk_size)
         completions = completion_ids[chunk]  # (c, T)
-        if completion_mask is not None:
-            longest = max(int(completion_mask[chunk].sum(dim=1).max()), 1)
-            completions = completions[:, :longest]  # (c, T')
-        score = _packed_logprobs if packed else _row_logprobs
-        logp = score(model, prompt_ids[chunk], prompt_mask[chunk], completions, scale)  # (c, T')
+        lengths = None if completion_mask is None else completion_mask[chunk].sum(dim=1).tolist()
+        if packed:
+            logp = _packed_logprobs(
+                model, prompt_ids[chunk], prompt_mask[chunk], completions, scale, lengths
+            )  # (c, T)
+        else:
+            if lengths is not None:
+                completions = completions[:, : max(max(lengths), 1)]  # (c, T')
+            logp = _row_logprobs(model, prompt_ids[chunk], prompt_mask[chunk], completions, scale)
         rows.append(torch.nn.functional.pad(logp, (0, completion_ids.shape[1] - logp.shape[1])))
     return torch.cat(rows, dim=0)  # (N, T)
 
@@ -334,77 +339,97 @@ def _row_logprobs(model, prompt_ids, prompt_mask, completion_ids, scale) -> torc
 
 @dataclass
 class Packed:
-    """Rows packed by prompt: each sequence holds a prompt then k completion slots of T tokens."""
+    """Rows packed by prompt: each sequence holds a prompt, then its rows' completions back to
+    back, each only as long as that row's completion (right-padded to the longest sequence)."""
 
-    input_ids: torch.Tensor  # (m, P + k*T)
-    attention: torch.Tensor  # (m, 1, P + k*T, P + k*T) bool, True = may attend
-    positions: torch.Tensor  # (m, P + k*T)
+    input_ids: torch.Tensor  # (m, L)
+    attention: torch.Tensor  # (m, 1, L, L) bool, True = may attend
+    positions: torch.Tensor  # (m, L)
     group: torch.Tensor  # (c,) packed sequence of each row
     slot: torch.Tensor  # (c,) completion slot of each row in its sequence
-    keep: torch.Tensor  # (k*T,) positions whose logits predict the completion tokens
+    keep: torch.Tensor  # (K,) positions whose logits are computed (every sequence's, concatenated)
+    row_keep: torch.Tensor  # (c, T) index into `keep` of the logits predicting row r's token t
+    valid: torch.Tensor  # (c, T) bool, t < row r's scored length
+    layout: tuple  # (P, per sequence: ((start, length) of each slot, ...)) for packed attention
 
 
 def pack_group(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    lengths: Sequence[int] | None = None,
 ) -> Packed:
     """Pack consecutive rows that share a prompt into one sequence: prompt, then completions.
 
     A completion slot attends to its prompt and causally to itself, never to another slot, and
     its positions continue from the prompt's, so each row sees exactly the context it would see
-    alone (`sequence_inputs`), while the prompt is computed once for its group.
+    alone (`sequence_inputs`), while the prompt is computed once for its group. Row r's slot
+    holds its first `lengths[r]` tokens (default: all T), so padding after an EOS costs nothing.
     """
     c, P = prompt_ids.shape
     T = completion_ids.shape[1]
     device = prompt_ids.device
+    lengths = [T] * c if lengths is None else [max(1, min(int(n), T)) for n in lengths]
     new = torch.ones(c, dtype=torch.bool, device=device)  # (c,) first row of its group
     new[1:] = (prompt_ids[1:] != prompt_ids[:-1]).any(dim=1)
     group = torch.cumsum(new.long(), dim=0) - 1  # (c,)
     firsts = new.nonzero().squeeze(1)  # (m,)
     slot = torch.arange(c, device=device) - firsts[group]  # (c,)
-    m, k = firsts.shape[0], int(slot.max()) + 1
-    input_ids = prompt_ids.new_zeros(m, P + k * T)  # (m, L)
+    m = firsts.shape[0]
+    starts, ends = [0] * c, [P] * m  # slot start of each row, end of each sequence
+    for r, i in enumerate(group.tolist()):
+        starts[r], ends[i] = ends[i], ends[i] + lengths[r]
+    L = max(ends)
+    prompt_len = prompt_mask[firsts].long().sum(dim=1)  # (m,)
+    input_ids = prompt_ids.new_zeros(m, L)  # (m, L)
     input_ids[:, :P] = prompt_ids[firsts]
-    input_ids[:, P:].view(m, k, T)[group, slot] = completion_ids
-    used = torch.zeros(m, k, dtype=torch.bool, device=device)  # (m, k)
-    used[group, slot] = True
-    key_ok = torch.cat(
-        [prompt_mask[firsts].bool(), used.repeat_interleave(T, dim=1)], dim=1
-    )  # (m, L)
-    prompt_len = prompt_mask[firsts].long().sum(dim=1, keepdim=True)  # (m, 1)
-    prompt_pos = (prompt_mask[firsts].long().cumsum(dim=1) - 1).clamp(min=0)  # (m, P)
-    slot_pos = (prompt_len + torch.arange(T, device=device)).repeat(1, k)  # (m, k*T)
-    region = torch.cat(
-        [torch.full((P,), -1, device=device), torch.arange(k, device=device).repeat_interleave(T)]
-    )  # (L,) -1 = prompt, s = completion slot s
-    index = torch.arange(P + k * T, device=device)
+    positions = torch.zeros(m, L, dtype=torch.long, device=device)  # (m, L)
+    positions[:, :P] = (prompt_mask[firsts].long().cumsum(dim=1) - 1).clamp(min=0)
+    region = torch.full((m, L), -2, device=device)  # (m, L) -1 prompt, s slot s, -2 padding
+    region[:, :P] = -1
+    key_ok = torch.zeros(m, L, dtype=torch.bool, device=device)  # (m, L)
+    key_ok[:, :P] = prompt_mask[firsts].bool()
+    keep_lists: list[list[int]] = [[] for _ in range(m)]
+    row_keep = torch.zeros(c, T, dtype=torch.long, device=device)  # (c, T)
+    valid = torch.zeros(c, T, dtype=torch.bool, device=device)  # (c, T)
+    layout: list[list[tuple[int, int]]] = [[] for _ in range(m)]
+    for r, (i, s) in enumerate(zip(group.tolist(), slot.tolist(), strict=True)):
+        a, n = starts[r], lengths[r]
+        input_ids[i, a : a + n] = completion_ids[r, :n]
+        positions[i, a : a + n] = prompt_len[i] + torch.arange(n, device=device)
+        region[i, a : a + n] = s
+        key_ok[i, a : a + n] = True
+        layout[i].append((a, n))
+        # the prompt's last position predicts the slot's first token, its own positions the rest
+        row_keep[r, :n] = len(keep_lists[i]) + torch.arange(n, device=device)
+        keep_lists[i] += [P - 1, *range(a, a + n - 1)]
+        valid[r, :n] = True
+    offsets = [0]
+    for kept in keep_lists[:-1]:
+        offsets.append(offsets[-1] + len(kept))
+    row_keep += torch.tensor(offsets, device=device)[group][:, None]  # into the concatenation
+    index = torch.arange(L, device=device)
     causal = index[None, :] <= index[:, None]  # (L, L) [query, key]
-    visible = causal & ((region[:, None] == region[None, :]) | (region[None, :] == -1))
-    attention = visible[None] & key_ok[:, None, :]  # (m, L, L)
-    attention |= torch.eye(P + k * T, dtype=torch.bool, device=device)  # no empty rows (padding)
-    # slot s: the prompt's last position predicts its first token, its own positions the rest
-    starts = P + T * torch.arange(k, device=device)  # (k,)
-    keep = torch.cat(
-        [
-            torch.cat(
-                [torch.tensor([P - 1], device=device), s + torch.arange(T - 1, device=device)]
-            )
-            for s in starts.tolist()
-        ]
-    )  # (k*T,)
+    visible = (region[:, :, None] == region[:, None, :]) | (region[:, None, :] == -1)  # (m, L, L)
+    attention = causal[None] & visible & key_ok[:, None, :]  # (m, L, L)
+    attention |= torch.eye(L, dtype=torch.bool, device=device)  # no empty rows (padding)
     return Packed(
         input_ids=input_ids,
         attention=attention.unsqueeze(1),
-        positions=torch.cat([prompt_pos, slot_pos], dim=1),
+        positions=positions,
         group=group,
         slot=slot,
-        keep=keep,
+        keep=torch.tensor([p for kept in keep_lists for p in kept], device=device),
+        row_keep=row_keep,
+        valid=valid,
+        layout=(P, tuple(tuple(slots) for slots in layout)),
     )
 
 
-def _packed_logprobs(model, prompt_ids, prompt_mask, completion_ids, scale) -> torch.Tensor:
-    """Completion-token log-probs, rows packed by prompt (`pack_group`): (c, T)."""
-    pk = pack_group(prompt_ids, prompt_mask, completion_ids)
-    P, T = prompt_ids.shape[1], completion_ids.shape[1]
+def _packed_logprobs(model, prompt_ids, prompt_mask, completion_ids, scale, lengths=None):
+    """Completion-token log-probs, rows packed by prompt (`pack_group`): (c, T), 0 past
+    `lengths`."""
+    pk = pack_group(prompt_ids, prompt_mask, completion_ids, lengths)
     with packed_attention(_config(model)):  # skips the masked-out slot-to-slot blocks
         logits = model(
             input_ids=pk.input_ids,
@@ -412,10 +437,13 @@ def _packed_logprobs(model, prompt_ids, prompt_mask, completion_ids, scale) -> t
             position_ids=pk.positions,
             logits_to_keep=pk.keep,
             use_cache=False,
-            packed_layout=(P, (pk.input_ids.shape[1] - P) // T, T),
-        ).logits  # (m, k*T, V): slot s's kept positions predict the tokens of slot s
-    logp = _token_logprobs(logits, pk.input_ids[:, P:], scale)  # (m, k*T)
-    return logp.view(logp.shape[0], -1, T)[pk.group, pk.slot]  # (c, T)
+            packed_layout=pk.layout,
+        ).logits  # (m, K, V)
+    targets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)  # (m, K)
+    rows = pk.group[:, None].expand_as(pk.row_keep)  # (c, T)
+    targets[rows[pk.valid], pk.row_keep[pk.valid]] = completion_ids[pk.valid]
+    logp = _token_logprobs(logits, targets, scale)  # (m, K)
+    return torch.where(pk.valid, logp[rows, pk.row_keep], 0.0)  # (c, T)
 
 
 ANSWER_CLOSE = "</answer>"

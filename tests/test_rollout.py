@@ -304,7 +304,8 @@ def _reference_logprobs(model, prompt_ids, prompt_mask, completion_ids):
 
 def test_packed_logprobs_and_gradients_match_one_sequence_per_row(lm):
     """Rows sharing a prompt are scored packed (prompt once per group): same log-probs, loss and
-    gradients as scoring every row alone, for any chunking, including groups split by chunks."""
+    gradients as scoring every row alone, for any chunking, including groups split by chunks,
+    with every slot T long or (given the completion mask) as long as its own completion."""
     model, tokenizer = lm
     assert model.config._attn_implementation == "sdpa"  # the packed path runs
     cfg = generation_config(max_new_tokens=8, eos_ids=[2, *range(5, 200, 9)], pad_id=2)
@@ -332,8 +333,8 @@ def test_packed_logprobs_and_gradients_match_one_sequence_per_row(lm):
         return logp.detach(), out.loss.detach(), grads
 
     ref_logp, ref_loss, ref_grads = loss_and_grads(lambda: _reference_logprobs(model, *args))
-    for chunk, trim in [(1, False), (2, False), (3, False), (4, False), (9, False), (1, True)]:
-        kw = {"chunk_size": chunk, "completion_mask": mask if trim else None}  # trim: per chunk
+    for chunk, trim in [(c, False) for c in (1, 2, 3, 4, 9)] + [(c, True) for c in (1, 3, 4, 9)]:
+        kw = {"chunk_size": chunk, "completion_mask": mask if trim else None}  # trim: per row
         logp, loss, grads = loss_and_grads(lambda kw=kw: completion_logprobs(model, *args, **kw))
         if trim:
             assert (logp[~mask.bool()] == 0).all()
@@ -352,10 +353,22 @@ def test_pack_group_shares_one_prompt_per_group():
     assert pk.input_ids.tolist() == [[0, 7, 8, 11, 12, 13, 14], [5, 6, 9, 15, 16, 0, 0]]
     assert pk.positions[0].tolist() == [0, 0, 1, 2, 3, 2, 3]  # both slots continue the prompt
     assert pk.group.tolist() == [0, 0, 1] and pk.slot.tolist() == [0, 1, 0]
-    assert pk.keep.tolist() == [2, 3, 2, 5]
+    assert pk.keep.tolist() == [2, 3, 2, 5, 2, 3]  # sequence 0's kept positions, then 1's
+    assert pk.row_keep.tolist() == [[0, 1], [2, 3], [4, 5]] and pk.valid.all()
     seen = pk.attention[0, 0]  # (L, L) [query, key]
     assert seen[5].tolist() == [False, True, True, False, False, True, False]  # slot 1 token 0
     assert not seen[4, 5] and seen[4, 3]  # slots never see each other
+    assert pk.layout == (3, (((3, 2), (5, 2)), ((3, 2),)))
+    assert not pk.attention[1, 0, :5, 5:].any()  # no real position attends to padding
+
+    ragged = pack_group(prompt_ids, prompt_mask, completion_ids, lengths=[1, 2, 2])
+    assert ragged.input_ids.tolist() == [[0, 7, 8, 11, 13, 14], [5, 6, 9, 15, 16, 0]]
+    assert ragged.positions[0].tolist() == [0, 0, 1, 2, 2, 3]
+    assert ragged.keep.tolist() == [2, 2, 4, 2, 3]
+    assert ragged.row_keep.tolist() == [[0, 0], [1, 2], [3, 4]]
+    assert ragged.valid.tolist() == [[True, False], [True, True], [True, True]]
+    assert ragged.layout == (3, (((3, 1), (4, 2)), ((3, 2),)))
+    assert ragged.attention[0, 0, 5].tolist() == [False, True, True, False, True, True]
 
 
 def test_few_rows_linears_compute_the_same_and_restore_the_layers():
