@@ -59,7 +59,7 @@ def gemm_floor(lm, rows: int, mm=torch.mm, repeats: int = 3) -> float:
     """Tokens/s the model's linear layers alone allow at `rows` rows per decode step, each
     weight times a (in, rows) operand with `mm` (rows padded as `grpo.llama_step` pads them)."""
     weights = [m.weight for m in lm.modules() if isinstance(m, torch.nn.Linear)]
-    width = -(-rows // llama_step.COLUMN_BLOCK) * llama_step.COLUMN_BLOCK
+    width = llama_step.column_width(rows)
     inputs = {w.shape[1]: torch.randn(w.shape[1], width) for w in weights}  # (in, width)
     mm(weights[0], inputs[weights[0].shape[1]])  # builds the kernel if it is not built yet
     best = float("inf")

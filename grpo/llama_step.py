@@ -57,7 +57,7 @@ def supported(model: torch.nn.Module) -> bool:
 COLUMN_BLOCK = 16  # x of W @ x gets a multiple of 16 columns (what the GEMMs run fastest)
 
 
-def _width(n: int) -> int:
+def column_width(n: int) -> int:
     """n columns rounded up to a multiple of COLUMN_BLOCK."""
     return -(-n // COLUMN_BLOCK) * COLUMN_BLOCK
 
@@ -102,7 +102,7 @@ def _rotate(xt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 class SharedPrefixSteps:
     """Decode state of B prompts x G samples: prompt KV once per prompt, own KV per sample.
 
-    Built from the prompt KV of a prefill (`from_prefill`); `step` feeds one token per live
+    Built from the KV cache of a prefill over the B prompts; `step` feeds one token per held
     row and returns the next-token logits. Rows are numbered 0..B·G-1, G consecutive rows per
     prompt; `alive` lists the rows the state holds (in order; see `should_drop`).
     """
@@ -135,7 +135,7 @@ class SharedPrefixSteps:
         that a finished row costs a little attention and no GEMM time (the columns are padded to
         COLUMN_BLOCK anyway), while dropping turns every later step's attention into the
         scatter/gather path for a partial group grid."""
-        return _width(live) < _width(held)
+        return column_width(live) < column_width(held)
 
     def drop(self, keep: torch.Tensor) -> None:
         """Keep only the live rows at positions `keep` (indices into the current live rows)."""
@@ -178,7 +178,7 @@ class SharedPrefixSteps:
         fallback) takes 1.7x as long at 31 columns as at 32 on this CPU. One reused buffer per
         shape; what the padding columns hold never matters (columns of W @ x do not mix)."""
         K, n = xt.shape
-        width = _width(n)
+        width = column_width(n)
         if width == n and xt.is_contiguous():
             return xt
         buffer = self.operands.get((K, width))
