@@ -27,6 +27,7 @@ from transformers import (
 
 from grpo.data import build_messages
 from grpo.decode import decode
+from grpo.kernels import library
 from grpo.packed_attention import packed_attention
 
 
@@ -90,13 +91,48 @@ def row_seeds(seed: int, stream: int, rows: Sequence[int]) -> list[int]:
     return out
 
 
+def gumbel_argmax(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """argmax(logits / temperature + Gumbel noise) per row: an exact sample of
+    softmax(logits / temperature), the noise -log(-log(u)) from `uniforms` (n, V) in [0, 1).
+
+    Runs `grpo/rollout.c` in one pass where the kernels are built (CPU fp32), else in torch;
+    both give the same tokens up to the last bit of the noise (a near-tie, rare enough that
+    no sampled token has differed in the tests)."""
+    if (
+        logits.device.type == "cpu"
+        and logits.dtype == uniforms.dtype == torch.float32
+        and library() is not None
+    ):
+        logits, uniforms = logits.contiguous(), uniforms.contiguous()
+        n, vocab = logits.shape
+        tokens = torch.empty(n, dtype=torch.long)  # (n,)
+        library().gumbel_argmax(
+            logits.data_ptr(),
+            uniforms.data_ptr(),
+            n,
+            vocab,
+            temperature,
+            tokens.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return tokens
+    tiny = torch.finfo(torch.float32).tiny
+    gumbel = -torch.log(-torch.log(uniforms.clamp(min=tiny)))  # (n, V)
+    return (logits.float() / temperature + gumbel.to(logits.device)).argmax(dim=-1)  # (n,)
+
+
 class SeededSampler(LogitsProcessor):
-    """Sampling by the Gumbel-max trick with one random generator per row.
+    """Sampling by the Gumbel-max trick with one random generator per row (`gumbel_argmax`).
 
     argmax(logits / T + Gumbel noise) is an exact sample of softmax(logits / T); drawing each
     row's noise from its own seeded generator makes the sample independent of which other rows
-    share the batch. Runs inside `generate` with greedy decoding, so none of the model's own
-    sampling defaults (top_k 20, top_p 0.8, repetition penalty...) can apply.
+    share the batch. On the HF path it runs inside `generate` with greedy decoding (the chosen
+    token gets score 0, every other -inf), so none of the model's own sampling defaults (top_k
+    20, top_p 0.8, repetition penalty...) can apply; our decode loop calls `choose`. Both pick
+    the same token from the same logits. (Gumbel-max rather than inverse CDF, which needs one
+    uniform per row instead of V: a token flips only at a near-tie of the two best noisy scores,
+    whereas the inverse CDF's cumulative sum over the vocabulary flips a token in the long
+    tail at a 1e-6 change of the logits, so two engines would rarely agree.)
     """
 
     def __init__(self, sampling: Sampling, seeds: Sequence[int]) -> None:
@@ -106,24 +142,19 @@ class SeededSampler(LogitsProcessor):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Noisy scores of every row (the HF path): greedy argmax of them is the sample."""
+        """Scores whose greedy argmax is each row's sample (the HF path)."""
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"{scores.shape[0]} rows but {len(self.generators)} row seeds")
-        return self._noisy(scores, range(len(self.generators)))
+        tokens = self.choose(scores, range(len(self.generators))).to(scores.device)  # (n,)
+        chosen = torch.full_like(scores, float("-inf"))  # (n, V)
+        return chosen.scatter_(1, tokens[:, None], 0.0)
 
     def choose(self, scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         """The sampled token of each of `rows` (indices into the seeds) from their scores."""
-        return self._noisy(scores, rows).argmax(dim=-1)  # (n,)
-
-    def _uniforms(self, rows: Sequence[int], vocab: int) -> torch.Tensor:
-        """The next `vocab` uniforms of each row's generator: (n, V)."""
-        uniform = torch.empty(len(rows), vocab)  # (n, V)
-        for i, r in enumerate(rows):
-            torch.rand(vocab, generator=self.generators[r], out=uniform[i])
-        return uniform
-
-    def _noisy(self, scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        uniforms = self._uniforms(rows, scores.shape[-1])  # (n, V)
         s = self.sampling
+        if not 0 < s.top_k < scores.shape[-1] and s.top_p >= 1.0:
+            return gumbel_argmax(scores.float(), s.temperature, uniforms)
         logits = scores.float() / s.temperature  # (n, V)
         if 0 < s.top_k < logits.shape[-1]:
             kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]  # (n, 1)
@@ -133,10 +164,14 @@ class SeededSampler(LogitsProcessor):
             probs = torch.softmax(sorted_logits, dim=-1)
             outside = (torch.cumsum(probs, dim=-1) - probs) > s.top_p  # mass before token
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-        uniform = self._uniforms(rows, logits.shape[-1])  # (n, V)
-        tiny = torch.finfo(torch.float32).tiny
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny)))  # (n, V)
-        return logits + gumbel.to(logits.device)
+        return gumbel_argmax(logits, 1.0, uniforms)
+
+    def _uniforms(self, rows: Sequence[int], vocab: int) -> torch.Tensor:
+        """The next `vocab` uniforms of each row's generator: (n, V)."""
+        uniform = torch.empty(len(rows), vocab)  # (n, V)
+        for i, r in enumerate(rows):
+            torch.rand(vocab, generator=self.generators[r], out=uniform[i])
+        return uniform
 
 
 def greedy_choice(scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:

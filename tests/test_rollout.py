@@ -7,7 +7,7 @@ import tiny
 import torch
 from transformers import DynamicCache
 
-from grpo import llama_step
+from grpo import kernels, llama_step
 from grpo.decode import SMALL_BATCH, few_rows_linears
 from grpo.loss import grpo_loss
 from grpo.rollout import (
@@ -18,6 +18,7 @@ from grpo.rollout import (
     completion_mask,
     generate,
     generation_config,
+    gumbel_argmax,
     pack_group,
     row_seeds,
     sequence_inputs,
@@ -25,6 +26,7 @@ from grpo.rollout import (
 )
 
 SYSTEM = "Respond in the following format"
+BUILDABLE = tiny.KERNELS_BUILDABLE
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,33 @@ def test_seeded_sampler_draws_from_the_tempered_softmax():
         freq = torch.bincount(draws.flatten(), minlength=4).float() / 4000
         expected = torch.softmax(logits[0] / temperature, -1)
         assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
+
+
+def test_gumbel_kernel_and_torch_pick_the_same_tokens_never_a_masked_one(monkeypatch):
+    """The fused Gumbel-max of grpo/rollout.c and its torch fallback pick the same tokens, none
+    with logit -inf, also at uniforms 0 and ~1, with a single finite logit, and with a
+    vocabulary that is no multiple of the vector width. The statistics of the draws are
+    checked by the next test (it runs the kernel where it is built)."""
+    if not BUILDABLE:
+        pytest.skip("the C kernels need x86-64 with AVX2 and a C compiler")
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(64, 1001, generator=generator)  # (n, V)
+    logits[::2, ::3] = float("-inf")
+    logits[5] = float("-inf")
+    logits[5, 777] = 0.0  # one token holds all the mass
+    uniforms = torch.rand(64, 1001, generator=generator)  # (n, V)
+    uniforms[0] = 0.0
+    uniforms[1] = 1 - 2**-24
+    uniforms[2, ::2] = 0.0
+    for temperature in (1.0, 0.7):
+        fast = gumbel_argmax(logits, temperature, uniforms)
+        with monkeypatch.context() as patch:
+            patch.setattr("grpo.rollout.library", lambda: None)
+            slow = gumbel_argmax(logits, temperature, uniforms)
+        assert torch.equal(fast, slow), (fast != slow).nonzero()
+        assert torch.isfinite(logits.gather(1, fast[:, None])).all()
+        assert fast[5] == 777
+    assert kernels.library() is not None
 
 
 def test_seeded_sampler_top_k_and_top_p_restrict_the_support():
@@ -172,10 +201,13 @@ def test_truncate_at_answer_cuts_after_closing_tag():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("path", ["llama", "llama-4-columns", "qwen2", "any-architecture"])
+@pytest.mark.parametrize(
+    "path", ["llama", "llama-4-columns", "qwen2", "llama-torch-step", "any-architecture"]
+)
 def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monkeypatch):
     """Prefill once per prompt, shared-prefix or in-place KV cache, finished rows dropped: the
-    same tokens as HF generate, on the plain-torch llama/qwen2 step and the generic path.
+    same tokens as HF generate, on the llama/qwen2 step (its C kernel, or plain torch where the
+    kernel is not built: "llama-torch-step") and the generic path.
 
     The llama step drops finished rows when the live ones fit in fewer column blocks: with 12
     rows and blocks of 16 it never does, with blocks of 4 it drops them midway."""
@@ -185,6 +217,10 @@ def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monk
     assert llama_step.supported(model)
     if path == "any-architecture":
         monkeypatch.setattr(llama_step, "supported", lambda m: False)
+    if path == "llama-torch-step":
+        monkeypatch.setattr(llama_step, "fused_applies", lambda model, mask: False)
+    elif path != "any-architecture":
+        assert llama_step.fused_applies(model, torch.ones(1, 1)) == BUILDABLE
     drops = []
     if path == "llama-4-columns":
         monkeypatch.setattr(llama_step, "COLUMN_BLOCK", 4)
@@ -224,12 +260,18 @@ def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monk
             assert drops and drops == sorted(drops, reverse=True), drops  # rows left midway
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["C-kernel", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-biases"])
-def test_llama_step_logits_equal_the_full_forward(lm, arch):
+def test_llama_step_logits_equal_the_full_forward(lm, arch, kernel, monkeypatch):
     """Teacher-forced steps over the shared-prefix cache, rows dropped midway: each step's
-    logits equal those of the HF forward over the whole sequence (prompt + tokens so far).
-    Covers q/k/v biases (qwen2) and biases on every projection (llama with attention_bias and
-    mlp_bias), which the step's stacked q/k/v and gate/up GEMMs carry."""
+    logits equal those of the HF forward over the whole sequence (prompt + tokens so far), with
+    the layers in grpo/llama_step.c and in plain torch. Covers q/k/v biases (qwen2) and biases
+    on every projection (llama with attention_bias and mlp_bias), which the step's stacked
+    q/k/v and gate/up GEMMs carry, and left-padded prompts of different lengths."""
+    if kernel and not BUILDABLE:
+        pytest.skip("the C kernels need x86-64 with AVX2 and a C compiler")
+    if not kernel:
+        monkeypatch.setattr(llama_step, "fused_applies", lambda model, mask: False)
     _, tokenizer = lm
     if arch == "llama-biases":
         model = tiny.build_model(tokenizer, seed=1, attention_bias=True, mlp_bias=True).eval()
@@ -251,6 +293,8 @@ def test_llama_step_logits_equal_the_full_forward(lm, arch):
             past_key_values=cache,
         )
     state = llama_step.SharedPrefixSteps(model, cache, prompt_mask, G, steps)
+    assert state.kernel == kernel
+    assert len(set(prompt_mask.sum(dim=1).tolist())) > 1  # prompts of different lengths
     fed = torch.randint(3, model.config.vocab_size, (B * G, steps))  # (N, steps)
     alive = torch.arange(B * G)
     for t in range(steps):

@@ -3,34 +3,30 @@
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 
 import pytest
+import tiny
 import torch
 
-from grpo import skinny_gemm
+from grpo import kernels, skinny_gemm
 
-BUILDABLE = (
-    platform.machine().lower() in ("x86_64", "amd64")
-    and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    and (shutil.which("cc") or shutil.which("gcc")) is not None
-)
+BUILDABLE = tiny.KERNELS_BUILDABLE
 
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """A kernel built from scratch into tmp_path, and the cached one restored afterwards."""
     monkeypatch.setenv("GRPO_KERNEL_CACHE", str(tmp_path))
-    skinny_gemm.library.cache_clear()
+    kernels.library.cache_clear()
     yield tmp_path
-    skinny_gemm.library.cache_clear()
+    kernels.library.cache_clear()
 
 
 @pytest.mark.skipif(not BUILDABLE, reason="the kernel needs x86-64 with AVX2 and a C compiler")
 def test_kernel_builds_here_atomically(fresh):
-    assert skinny_gemm.library() is not None
-    assert [p.name for p in fresh.iterdir()] == [p.name for p in fresh.glob("skinny_gemm-*.so")]
+    assert kernels.library() is not None
+    assert [p.name for p in fresh.iterdir()] == [p.name for p in fresh.glob("kernels-*.so")]
     assert len(list(fresh.iterdir())) == 1  # no temp file left behind
 
 
@@ -66,18 +62,19 @@ def test_what_the_kernel_does_not_take_goes_to_torch_mm():
 
 def test_a_failed_build_warns_once_and_falls_back(fresh, monkeypatch, caplog):
     monkeypatch.setenv("CC", shutil.which("false") or "false")
-    with caplog.at_level(logging.WARNING, logger="grpo.skinny_gemm"):
+    with caplog.at_level(logging.WARNING, logger="grpo.kernels"):
         weight, xt = torch.randn(6, 5), torch.randn(5, 16)
         out = skinny_gemm.mm(weight, xt)
         skinny_gemm.mm(weight, xt)
     torch.testing.assert_close(out, weight @ xt)
     assert len(caplog.records) == 1, caplog.text
     if BUILDABLE:
-        assert "compiling skinny_gemm.c with" in caplog.text and "exit status 1" in caplog.text
+        assert "compiling skinny_gemm.c, llama_step.c, rollout.c with" in caplog.text
+        assert "exit status 1" in caplog.text
     assert list(fresh.iterdir()) == []  # nothing half-written
 
 
 def test_the_kernel_can_be_switched_off(fresh, monkeypatch):
-    monkeypatch.setenv("GRPO_SKINNY_GEMM", "0")
-    assert skinny_gemm.library() is None
+    monkeypatch.setenv("GRPO_KERNELS", "0")
+    assert kernels.library() is None
     assert not skinny_gemm.applies(torch.randn(6, 5), torch.randn(5, 16))

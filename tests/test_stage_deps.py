@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from grpo import kernels
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("grpo", "stages")
 
@@ -60,8 +62,11 @@ def test_stage_deps_are_the_modules_its_code_imports(name, cmd, deps):
     imported = _closure(entry)
     assert not imported - listed, f"{name}: add to deps in dvc.yaml: {sorted(imported - listed)}"
     assert not listed - imported, f"{name}: not imported, drop: {sorted(listed - imported)}"
-    # a module built from a C source of the same name (grpo/skinny_gemm.c) depends on it too
+    # a module with a C source of the same name (grpo/skinny_gemm.c) depends on it too, and
+    # grpo/kernels.py compiles every C source and header it lists into one library
     sources = {Path(m).with_suffix(".c").as_posix() for m in imported}
     sources = {s for s in sources if (REPO / s).is_file()}
-    listed_sources = {d for d in deps if d.endswith(".c")}
+    if "grpo/kernels.py" in imported:
+        sources |= {p.relative_to(REPO).as_posix() for p in kernels.SOURCES + kernels.HEADERS}
+    listed_sources = {d for d in deps if d.endswith((".c", ".h"))}
     assert sources == listed_sources, f"{name}: C sources in deps should be {sorted(sources)}"

@@ -4,6 +4,8 @@ template, and GSM8K-format rows. Built from configs in seconds; nothing is downl
 from __future__ import annotations
 
 import json
+import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,6 +17,13 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+)
+
+# grpo.kernels builds its C kernels here: x86-64 with AVX2 and a C compiler
+KERNELS_BUILDABLE = (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    and (shutil.which("cc") or shutil.which("gcc")) is not None
 )
 
 CHATML = (
