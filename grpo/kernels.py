@@ -101,6 +101,6 @@ def library() -> ctypes.CDLL | None:
     lib.llama_step.restype = None
     lib.llama_step.argtypes = [ctypes.c_void_p] * 9
     lib.gumbel_argmax.restype = None
-    lib.gumbel_argmax.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_float]
-    lib.gumbel_argmax.argtypes += [ctypes.c_void_p, ctypes.c_int]
+    lib.gumbel_argmax.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_float]
+    lib.gumbel_argmax.argtypes += [ctypes.c_void_p] * 3 + [ctypes.c_int]
     return lib

@@ -91,70 +91,104 @@ def row_seeds(seed: int, stream: int, rows: Sequence[int]) -> list[int]:
     return out
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
-    """argmax(logits / temperature + Gumbel noise) per row: an exact sample of
-    softmax(logits / temperature), the noise -log(-log(u)) from `uniforms` (n, V) in [0, 1).
+def _int64(constant: int) -> int:
+    """A 64-bit constant as the int64 with the same bits."""
+    return constant - (1 << 64) if constant >= 1 << 63 else constant
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> keeps the sign)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64
+
+
+def stream_uniforms(seeds: torch.Tensor, offsets: torch.Tensor, count: int) -> torch.Tensor:
+    """Uniforms offsets[i] .. offsets[i] + count - 1 of the stream of seeds[i]: (n, count).
+
+    Element j of a seed's stream is the SplitMix64 output mix(seed + (j + 1)·GAMMA) (mod 2^64),
+    its top 24 bits as a float in [0, 1): computed directly from (seed, j), so rows draw
+    independently of each other and of how the work is batched. Same numbers as
+    grpo/rollout.c's (int64 arithmetic wraps around)."""
+    index = offsets[:, None] + torch.arange(1, count + 1)  # (n, count)
+    z = seeds[:, None] + index * _int64(GAMMA)  # (n, count)
+    z = (z ^ _shift_right(z, 30)) * _int64(MIX1)
+    z = (z ^ _shift_right(z, 27)) * _int64(MIX2)
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 40).float() * 2.0**-24  # (n, count)
+
+
+def gumbel_argmax(
+    logits: torch.Tensor, temperature: float, seeds: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """argmax(logits / temperature + Gumbel noise) per row of `logits` (n, V): an exact sample
+    of softmax(logits / temperature). Row i's noise is -log(-log(u)) of `stream_uniforms` of
+    seeds[i] from offsets[i] (int64, (n,)).
 
     Runs `grpo/rollout.c` in one pass where the kernels are built (CPU fp32), else in torch;
-    both give the same tokens up to the last bit of the noise (a near-tie, rare enough that
-    no sampled token has differed in the tests)."""
-    if (
-        logits.device.type == "cpu"
-        and logits.dtype == uniforms.dtype == torch.float32
-        and library() is not None
-    ):
-        logits, uniforms = logits.contiguous(), uniforms.contiguous()
+    both give the same tokens up to the last bit of the logs (a near-tie of the two best noisy
+    scores, rare enough that no sampled token has differed in the tests)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and library() is not None:
+        logits = logits.contiguous()
+        seeds, offsets = seeds.long().contiguous(), offsets.long().contiguous()
         n, vocab = logits.shape
         tokens = torch.empty(n, dtype=torch.long)  # (n,)
         library().gumbel_argmax(
             logits.data_ptr(),
-            uniforms.data_ptr(),
             n,
             vocab,
             temperature,
+            seeds.data_ptr(),
+            offsets.data_ptr(),
             tokens.data_ptr(),
             torch.get_num_threads(),
         )
         return tokens
+    uniforms = stream_uniforms(seeds.cpu(), offsets.cpu(), logits.shape[-1])  # (n, V)
     tiny = torch.finfo(torch.float32).tiny
     gumbel = -torch.log(-torch.log(uniforms.clamp(min=tiny)))  # (n, V)
     return (logits.float() / temperature + gumbel.to(logits.device)).argmax(dim=-1)  # (n,)
 
 
 class SeededSampler(LogitsProcessor):
-    """Sampling by the Gumbel-max trick with one random generator per row (`gumbel_argmax`).
+    """Sampling by the Gumbel-max trick with one random stream per row (`gumbel_argmax`).
 
     argmax(logits / T + Gumbel noise) is an exact sample of softmax(logits / T); drawing each
-    row's noise from its own seeded generator makes the sample independent of which other rows
-    share the batch. On the HF path it runs inside `generate` with greedy decoding (the chosen
-    token gets score 0, every other -inf), so none of the model's own sampling defaults (top_k
-    20, top_p 0.8, repetition penalty...) can apply; our decode loop calls `choose`. Both pick
-    the same token from the same logits. (Gumbel-max rather than inverse CDF, which needs one
-    uniform per row instead of V: a token flips only at a near-tie of the two best noisy scores,
-    whereas the inverse CDF's cumulative sum over the vocabulary flips a token in the long
-    tail at a 1e-6 change of the logits, so two engines would rarely agree.)
+    row's noise from its own seeded stream (V uniforms per step) makes the sample independent
+    of which other rows share the batch. On the HF path it runs inside `generate` with greedy
+    decoding (the chosen token gets score 0, every other -inf), so none of the model's own
+    sampling defaults (top_k 20, top_p 0.8, repetition penalty...) can apply; our decode loop
+    calls `choose`. Both pick the same token from the same logits. (Gumbel-max rather than the
+    inverse CDF, which needs one uniform per row instead of V: a token flips only at a near-tie
+    of the two best noisy scores, whereas the inverse CDF's cumulative sum over the vocabulary
+    flips a token in the long tail at a 1e-6 change of the logits, so two engines, or two
+    float summation orders, would rarely agree over a whole completion.)
     """
 
     def __init__(self, sampling: Sampling, seeds: Sequence[int]) -> None:
         if sampling.temperature <= 0:
             raise ValueError("SeededSampler needs temperature > 0")
         self.sampling = sampling
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.seeds = torch.tensor(list(seeds), dtype=torch.long)  # (N,)
+        self.offsets = torch.zeros_like(self.seeds)  # (N,) uniforms each row has used
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Scores whose greedy argmax is each row's sample (the HF path)."""
-        if scores.shape[0] != len(self.generators):
-            raise ValueError(f"{scores.shape[0]} rows but {len(self.generators)} row seeds")
-        tokens = self.choose(scores, range(len(self.generators))).to(scores.device)  # (n,)
+        if scores.shape[0] != len(self.seeds):
+            raise ValueError(f"{scores.shape[0]} rows but {len(self.seeds)} row seeds")
+        tokens = self.choose(scores, range(len(self.seeds))).to(scores.device)  # (n,)
         chosen = torch.full_like(scores, float("-inf"))  # (n, V)
         return chosen.scatter_(1, tokens[:, None], 0.0)
 
     def choose(self, scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         """The sampled token of each of `rows` (indices into the seeds) from their scores."""
-        uniforms = self._uniforms(rows, scores.shape[-1])  # (n, V)
+        index = torch.tensor(list(rows), dtype=torch.long)  # (n,)
+        seeds, offsets = self.seeds[index], self.offsets[index]  # (n,)
+        self.offsets[index] += scores.shape[-1]
         s = self.sampling
         if not 0 < s.top_k < scores.shape[-1] and s.top_p >= 1.0:
-            return gumbel_argmax(scores.float(), s.temperature, uniforms)
+            return gumbel_argmax(scores.float(), s.temperature, seeds, offsets)
         logits = scores.float() / s.temperature  # (n, V)
         if 0 < s.top_k < logits.shape[-1]:
             kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]  # (n, 1)
@@ -164,14 +198,7 @@ class SeededSampler(LogitsProcessor):
             probs = torch.softmax(sorted_logits, dim=-1)
             outside = (torch.cumsum(probs, dim=-1) - probs) > s.top_p  # mass before token
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-        return gumbel_argmax(logits, 1.0, uniforms)
-
-    def _uniforms(self, rows: Sequence[int], vocab: int) -> torch.Tensor:
-        """The next `vocab` uniforms of each row's generator: (n, V)."""
-        uniform = torch.empty(len(rows), vocab)  # (n, V)
-        for i, r in enumerate(rows):
-            torch.rand(vocab, generator=self.generators[r], out=uniform[i])
-        return uniform
+        return gumbel_argmax(logits, 1.0, seeds, offsets)
 
 
 def greedy_choice(scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from grpo.rollout import (
     pack_group,
     row_seeds,
     sequence_inputs,
+    stream_uniforms,
     truncate_at_answer,
 )
 
@@ -75,11 +76,30 @@ def test_seeded_sampler_draws_from_the_tempered_softmax():
         assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
 
 
+def test_stream_uniforms_are_splitmix64():
+    """torch's int64 arithmetic reproduces SplitMix64 (checked with Python's exact integers)."""
+    mask = (1 << 64) - 1
+
+    def splitmix(seed, index):
+        z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return ((z ^ (z >> 31)) >> 40) / 2**24
+
+    seeds = row_seeds(3, 1, range(4))
+    offsets = [0, 5, 2**40, 7]
+    got = stream_uniforms(torch.tensor(seeds), torch.tensor(offsets), 6)  # (4, 6)
+    want = [[splitmix(s, o + j) for j in range(6)] for s, o in zip(seeds, offsets, strict=True)]
+    assert got.tolist() == want
+    many = stream_uniforms(torch.tensor(seeds[:1]), torch.tensor([0]), 100_000)[0]
+    assert many.min() >= 0 and many.max() < 1 and abs(many.mean().item() - 0.5) < 0.005
+
+
 def test_gumbel_kernel_and_torch_pick_the_same_tokens_never_a_masked_one(monkeypatch):
     """The fused Gumbel-max of grpo/rollout.c and its torch fallback pick the same tokens, none
-    with logit -inf, also at uniforms 0 and ~1, with a single finite logit, and with a
-    vocabulary that is no multiple of the vector width. The statistics of the draws are
-    checked by the next test (it runs the kernel where it is built)."""
+    with logit -inf, also with a single finite logit and with a vocabulary that is no multiple
+    of the vector width. The statistics of the draws are checked by the next test (it runs
+    the kernel where it is built)."""
     if not BUILDABLE:
         pytest.skip("the C kernels need x86-64 with AVX2 and a C compiler")
     generator = torch.Generator().manual_seed(0)
@@ -87,15 +107,13 @@ def test_gumbel_kernel_and_torch_pick_the_same_tokens_never_a_masked_one(monkeyp
     logits[::2, ::3] = float("-inf")
     logits[5] = float("-inf")
     logits[5, 777] = 0.0  # one token holds all the mass
-    uniforms = torch.rand(64, 1001, generator=generator)  # (n, V)
-    uniforms[0] = 0.0
-    uniforms[1] = 1 - 2**-24
-    uniforms[2, ::2] = 0.0
-    for temperature in (1.0, 0.7):
-        fast = gumbel_argmax(logits, temperature, uniforms)
+    seeds = torch.tensor(row_seeds(0, 0, range(64)))  # (n,)
+    for temperature, offset in ((1.0, 0), (0.7, 3 * 1001)):
+        offsets = torch.full((64,), offset)
+        fast = gumbel_argmax(logits, temperature, seeds, offsets)
         with monkeypatch.context() as patch:
             patch.setattr("grpo.rollout.library", lambda: None)
-            slow = gumbel_argmax(logits, temperature, uniforms)
+            slow = gumbel_argmax(logits, temperature, seeds, offsets)
         assert torch.equal(fast, slow), (fast != slow).nonzero()
         assert torch.isfinite(logits.gather(1, fast[:, None])).all()
         assert fast[5] == 777
