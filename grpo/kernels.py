@@ -97,7 +97,7 @@ def library() -> ctypes.CDLL | None:
             return None
     lib = ctypes.CDLL(str(target))
     lib.skinny_gemm.restype = None
-    lib.skinny_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.skinny_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
     lib.llama_step.restype = None
     lib.llama_step.argtypes = [ctypes.c_void_p] * 9
     lib.gumbel_argmax.restype = None

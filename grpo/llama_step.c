@@ -18,7 +18,8 @@
 
 #include "vector_math.h"
 
-void skinny_gemm(const float *w, const float *x, float *y, long O, long K, long n, int threads);
+void skinny_gemm(const float *w, const float *x, float *y, long O, long K, long n, int threads,
+                 int transposed);
 
 /* s[0..m) = softmax(s[0..m)) */
 static void softmax(float *s, long m) {
@@ -173,7 +174,7 @@ void llama_step(const Shape *s, float *x, const float *cos, const float *sin, co
     for (long l = 0; l < s->layers; l++) {
         void *const *w = weights + l * SLOTS;
         rms_norm(x, w[NORM1], h, C, width, s->eps);
-        skinny_gemm(w[QKV], h, qkv, F, C, width, s->threads);
+        skinny_gemm(w[QKV], h, qkv, F, C, width, s->threads, 0);
         add_bias(qkv, w[QKV_B], F, width);
         for (long head = 0; head < H + Hkv; head++) {
             float *base = qkv + head * D * width;
@@ -208,19 +209,19 @@ void llama_step(const Shape *s, float *x, const float *cos, const float *sin, co
                 attend(s, b, kv, bounds[b], bounds[b + 1], first, qkv, w[PREFIX_K], w[PREFIX_V],
                        ok, ov, attn);
         }
-        skinny_gemm(w[O], attn, proj, C, H * D, width, s->threads);
+        skinny_gemm(w[O], attn, proj, C, H * D, width, s->threads, 0);
         add_bias(proj, w[O_B], C, width);
         for (long i = 0; i < C * width; i++)
             x[i] += proj[i];
         rms_norm(x, w[NORM2], h, C, width, s->eps);
-        skinny_gemm(w[GATE_UP], h, gate_up, 2 * I, C, width, s->threads);
+        skinny_gemm(w[GATE_UP], h, gate_up, 2 * I, C, width, s->threads, 0);
         add_bias(gate_up, w[GATE_UP_B], 2 * I, width);
         for (long i = 0; i < I * width; i += 8) {  /* SiLU(gate) * up; width % 8 == 0 */
             __m256 g = _mm256_loadu_ps(gate_up + i), u = _mm256_loadu_ps(gate_up + I * width + i);
             __m256 sig = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
             _mm256_storeu_ps(gated + i, _mm256_mul_ps(_mm256_div_ps(g, sig), u));
         }
-        skinny_gemm(w[DOWN], gated, proj, C, I, width, s->threads);
+        skinny_gemm(w[DOWN], gated, proj, C, I, width, s->threads, 0);
         add_bias(proj, w[DOWN_B], C, width);
         for (long i = 0; i < C * width; i++)
             x[i] += proj[i];

@@ -78,6 +78,13 @@ def _linear(weight: torch.Tensor, bias, x: torch.Tensor, n: int) -> torch.Tensor
     return out if bias is None else out + bias[:, None]
 
 
+def _logits(head: torch.nn.Linear, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The LM head on the first n columns of x (C, width): logits (n, V), one row per sequence
+    (the kernel writes them so; the transpose of a (V, n) result cost 2.5 ms per step)."""
+    logits = skinny_gemm.mm(head.weight, x, transposed=True)[:n]  # (n, V)
+    return logits if head.bias is None else logits + head.bias
+
+
 def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm of (n, hidden) rows (one fused op)."""
     return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
@@ -262,8 +269,7 @@ class SharedPrefixSteps:
             x = x + _linear(down.weight, down.bias, self._operand(gated), n).t()  # (n, C)
         self.length = t + 1
         h = self._operand(_rms_norm(model.model.norm, x).t())  # (C, width)
-        head = model.lm_head
-        return _linear(head.weight, head.bias, h, n).t().contiguous()  # (n, V)
+        return _logits(model.lm_head, h, n)
 
     def _kernel_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """`step` with the decoder layers in grpo/llama_step.c (one call per step)."""
@@ -306,8 +312,7 @@ class SharedPrefixSteps:
             scratch.data_ptr(),
         )
         self.length += 1
-        head = model.lm_head
-        return _linear(head.weight, head.bias, x, n).t().contiguous()  # (n, V)
+        return _logits(model.lm_head, x, n)
 
     def _buffers(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's residual stream (C, width) and scratch for `width` columns (reused)."""

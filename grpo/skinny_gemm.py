@@ -34,14 +34,24 @@ def applies(weight: torch.Tensor, xt: torch.Tensor) -> bool:
     )
 
 
-def mm(weight: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-    """weight (O, K) @ xt (K, n) -> (O, n), through the kernel where it applies."""
+def mm(weight: torch.Tensor, xt: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """weight (O, K) @ xt (K, n) -> (O, n), or its transpose as a contiguous (n, O) when
+    `transposed` (written so by the kernel, no separate copy), through the kernel where it
+    applies."""
     if not applies(weight, xt):
-        return torch.mm(weight, xt)
+        out = torch.mm(weight, xt)  # (O, n)
+        return out.t().contiguous() if transposed else out
     rows, inner = weight.shape
     n = xt.shape[1]
-    out = weight.new_empty(rows, n)  # (O, n)
+    out = weight.new_empty((n, rows) if transposed else (rows, n))  # (n, O) or (O, n)
     library().skinny_gemm(
-        weight.data_ptr(), xt.data_ptr(), out.data_ptr(), rows, inner, n, torch.get_num_threads()
+        weight.data_ptr(),
+        xt.data_ptr(),
+        out.data_ptr(),
+        rows,
+        inner,
+        n,
+        torch.get_num_threads(),
+        int(transposed),
     )
     return out

@@ -34,12 +34,16 @@ def test_kernel_builds_here_atomically(fresh):
 @pytest.mark.parametrize("n", [16, 32, 48, 64])
 @pytest.mark.parametrize("out_features,in_features", [(1, 1), (5, 3), (6, 64), (7, 33), (97, 40)])
 def test_kernel_equals_torch_mm(n, out_features, in_features):
-    """Row blocks of 3 (32 columns) and 6 (16 columns) plus left-over rows, any K."""
+    """Row blocks of 3 (32 columns) and 6 (16 columns) plus left-over rows, any K; also
+    written transposed (the LM head's (n, O) logits)."""
     g = torch.Generator().manual_seed(n * 1000 + out_features)
     weight = torch.randn(out_features, in_features, generator=g)  # (O, K)
     xt = torch.randn(in_features, n, generator=g)  # (K, n)
     assert skinny_gemm.applies(weight, xt)
     torch.testing.assert_close(skinny_gemm.mm(weight, xt), weight @ xt, rtol=1e-5, atol=1e-5)
+    transposed = skinny_gemm.mm(weight, xt, transposed=True)
+    assert transposed.shape == (n, out_features) and transposed.is_contiguous()
+    torch.testing.assert_close(transposed, (weight @ xt).t(), rtol=1e-5, atol=1e-5)
 
 
 def test_what_the_kernel_does_not_take_goes_to_torch_mm():
