@@ -4,7 +4,8 @@ Does the same arithmetic as `model.generate` with a KV cache (so the tokens are 
 same seeds) with less work around it:
 
 - each distinct prompt is prefilled once and its KV is shared by its G samples
-  (`generate` prefills all B·G copies);
+  (`generate` prefills all B·G copies); on the llama/qwen2 path without its left padding
+  (`grpo.llama_step.prefill` packs the prompts' real tokens back to back);
 - llama/qwen2 models then step through `grpo.llama_step` (plain torch, the prompt's KV held
   and read once per group); any other architecture steps through its HF forward over a KV
   cache that grows in place (no new copy of every layer's keys and values at every token),
@@ -147,25 +148,23 @@ def decode(
 
 def _decode(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_id, choose):
     device = prompt_ids.device
-    lean = llama_step.supported(model)
-    if lean:
-        cache = DynamicCache(config=model.config)
+    positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, P) as generate does
+    if llama_step.supported(model):
+        keys, values, last = llama_step.prefill(model, prompt_ids, prompt_mask)  # last: (B, V)
+        steps = llama_step.SharedPrefixSteps(model, keys, values, prompt_mask, G, max_new_tokens)
     else:
         cache = growing_cache(model, prompt_ids.shape[1] + max_new_tokens)
-    positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, P) as generate does
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    if lean:
-        steps = llama_step.SharedPrefixSteps(model, cache, prompt_mask, G, max_new_tokens)
-    else:
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        last = out.logits[:, -1]  # (B, V)
         steps = _CacheSteps(model, cache, prompt_mask, G)
-    logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (N, V)
+    logits = last.float().repeat_interleave(G, dim=0)  # (N, V)
     next_position = positions[:, -1].repeat_interleave(G, dim=0) + 1  # (N,)
     held = torch.arange(logits.shape[0], device=device)  # (h,) rows the step state holds
     live = torch.ones_like(held, dtype=torch.bool)  # (h,) which of them still decode

@@ -66,9 +66,12 @@ def packed_sdpa_forward(
     m, H, L, D = query.shape
     if len(sequences) != m or any(a + n > L for slots in sequences for a, n in slots):
         raise ValueError(f"packed layout {packed_layout} does not match {m} x {L} positions")
-    prompt = _sdpa(
-        query[:, :, :P], key[:, :, :P], value[:, :, :P], attention_mask[:, :, :P, :P], scaling
-    )  # (m, H, P, D)
+    if P:
+        prompt = _sdpa(
+            query[:, :, :P], key[:, :, :P], value[:, :, :P], attention_mask[:, :, :P, :P], scaling
+        )  # (m, H, P, D)
+    else:  # no shared prompt: segments that each attend to themselves (grpo.llama_step.prefill)
+        prompt = query.new_zeros(m, H, 0, D)
     rows = []
     for i, slots in enumerate(sequences):
         parts = [prompt[i : i + 1]]

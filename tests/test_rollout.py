@@ -301,16 +301,12 @@ def test_llama_step_logits_equal_the_full_forward(lm, arch, kernel, monkeypatch)
     enc = tokenizer(_prompts(tokenizer, 3), return_tensors="pt", padding=True, padding_side="left")
     prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
     B, G, steps = prompt_ids.shape[0], 3, 6
-    cache = DynamicCache(config=model.config)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    keys, values, first = llama_step.prefill(model, prompt_ids, prompt_mask)  # packed prompts
     with torch.no_grad():
-        model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=positions,
-            past_key_values=cache,
-        )
-    state = llama_step.SharedPrefixSteps(model, cache, prompt_mask, G, steps)
+        padded = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions)
+    torch.testing.assert_close(first, padded.logits[:, -1], rtol=1e-4, atol=1e-5)
+    state = llama_step.SharedPrefixSteps(model, keys, values, prompt_mask, G, steps)
     assert state.kernel == kernel
     assert len(set(prompt_mask.sum(dim=1).tolist())) > 1  # prompts of different lengths
     fed = torch.randint(3, model.config.vocab_size, (B * G, steps))  # (N, steps)
@@ -328,6 +324,34 @@ def test_llama_step_logits_equal_the_full_forward(lm, arch, kernel, monkeypatch)
         with torch.no_grad():
             full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
         torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [1, 60, 2048], ids=["one-per-call", "some-per-call", "all"])
+def test_prefill_packs_prompts_into_the_kv_of_the_padded_batch(lm, budget, monkeypatch):
+    """Packed prefill (real tokens back to back, in calls of up to PREFILL_TOKENS) gives the
+    padded batch's next-token logits and, on every real position, its keys and values."""
+    model, tokenizer = lm
+    monkeypatch.setattr(llama_step, "PREFILL_TOKENS", budget)
+    enc = tokenizer(_prompts(tokenizer, 3), return_tensors="pt", padding=True, padding_side="left")
+    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
+    keys, values, logits = llama_step.prefill(model, prompt_ids, prompt_mask)
+    cache = DynamicCache(config=model.config)
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.no_grad():
+        padded = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            past_key_values=cache,
+        )
+    torch.testing.assert_close(logits, padded.logits[:, -1], rtol=1e-4, atol=1e-5)
+    real = prompt_mask.bool()[:, None, :, None]  # (B, 1, P, 1)
+    for mine, theirs in zip(
+        keys + values,
+        [c.keys for c in cache.layers] + [c.values for c in cache.layers],
+        strict=True,
+    ):
+        torch.testing.assert_close(mine, torch.where(real, theirs, 0.0), rtol=1e-4, atol=1e-5)
 
 
 def test_llama_step_supports_only_what_it_reproduces(lm):
