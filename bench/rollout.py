@@ -19,7 +19,7 @@ the model's own weights (538 MB at 135M fp32, far more than any cache, so they s
 memory as in a real step), and reports rows / that time as "GEMMs alone", with torch.mm (MKL)
 and with `grpo.skinny_gemm` (what our decode step runs): no decode loop can beat the latter at
 that batch, whatever the loop around it. "ours / GEMMs alone" is the share of a step the GEMMs
-take, i.e. how much the rest of the loop (attention, norms, sampling, Python) costs.
+take, i.e. how much the rest (prefill, attention over the KV cache, sampling, Python) costs.
 
 Cache off recomputes the whole sequence for every token (cost grows with length), so it runs
 once, at the smallest batch and `--cache-off-tokens` new tokens: its tokens/s at 128 would be
