@@ -117,6 +117,13 @@ def _rotate(xt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return xt * cos + rotated * sin
 
 
+def left_padded(mask: torch.Tensor) -> bool:
+    """True when each row of the (B, P) attention mask is zeros, then ones."""
+    P = mask.shape[1]
+    first = P - mask.sum(dim=1, keepdim=True)  # (B, 1)
+    return torch.equal(mask.bool(), torch.arange(P, device=mask.device) >= first)
+
+
 PREFILL_TOKENS = 2048  # real prompt tokens per packed prefill call (its mask has this^2 entries)
 
 
@@ -131,8 +138,8 @@ def prefill(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch
     batch, without computing the padding (27% of the tokens of 8 GSM8K prompts here)."""
     B, P = prompt_ids.shape
     lengths = prompt_mask.sum(dim=1).tolist()
-    if min(lengths) < 1:
-        raise ValueError("every prompt needs at least one token")
+    if min(lengths) < 1 or not left_padded(prompt_mask):
+        raise ValueError("prefill needs left-padded prompts of at least one token each")
     chunks: list[list[int]] = []  # consecutive prompts per packed sequence
     for b, length in enumerate(lengths):
         if not chunks or sum(lengths[i] for i in chunks[-1]) + length > PREFILL_TOKENS:
@@ -198,6 +205,7 @@ class _Shape(ctypes.Structure):
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
+    """The address of a tensor's data, None (a NULL pointer) for no tensor."""
     return None if tensor is None else tensor.data_ptr()
 
 
@@ -218,9 +226,7 @@ def fused_applies(model: PreTrainedModel, prompt_mask: torch.Tensor) -> bool:
         and getattr(model.config, "partial_rotary_factor", 1.0) == 1.0
     ):
         return False
-    P = prompt_mask.shape[1]
-    first = P - prompt_mask.sum(dim=1, keepdim=True)  # (B, 1)
-    return torch.equal(prompt_mask.bool(), torch.arange(P) >= first)
+    return left_padded(prompt_mask)
 
 
 class SharedPrefixSteps:
