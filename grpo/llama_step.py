@@ -181,6 +181,9 @@ def prefill(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch
     return keys, values, torch.cat(logits)  # L x (B, Hkv, P, D), L x (...), (B, V)
 
 
+KERNEL_COLUMNS = 16  # grpo/llama_step.c's GEMMs take this many columns at a time
+
+
 class _Shape(ctypes.Structure):
     """The `Shape` struct of grpo/llama_step.c."""
 
@@ -250,9 +253,6 @@ class SharedPrefixSteps:
         self.prefix_values = list(values)  # L x (B, Hkv, P, D)
         B, P = prompt_mask.shape
         self.B, self.N = B, B * G
-        # -inf on the prompt's left padding, for every query of the group
-        pad = torch.zeros(B, 1, 1, P, dtype=self.prefix_keys[0].dtype, device=prompt_mask.device)
-        self.prefix_bias = pad.masked_fill(~prompt_mask.bool()[:, None, None, :], float("-inf"))
         shape = (self.N, self.kv_heads, capacity, self.head_dim)
         self.own_keys = [k.new_zeros(shape) for k in self.prefix_keys]  # L x (n, Hkv, C, D)
         self.own_values = [v.new_zeros(shape) for v in self.prefix_values]  # L x (n, Hkv, C, D)
@@ -266,7 +266,25 @@ class SharedPrefixSteps:
             self.prefix_values = [v.contiguous() for v in self.prefix_values]
             self.first = (P - prompt_mask.sum(dim=1)).long().contiguous()  # (B,)
             self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # width -> (x, scratch)
+            layer = self.layers[0]
+            self.shape = _Shape(  # what stays fixed over the decode; `_kernel_step` sets the rest
+                layers=len(self.layers),
+                hidden=config.hidden_size,
+                heads=self.heads,
+                kv_heads=self.kv_heads,
+                head_dim=self.head_dim,
+                inner=layer.mlp.down_proj.in_features,
+                groups=B,
+                group=G,
+                prefix=P,
+                capacity=capacity,
+                eps=layer.input_layernorm.variance_epsilon,
+                scaling=layer.self_attn.scaling,
+            )
             self._point()
+        else:  # the torch step's attention: -inf on each prompt's left padding
+            pad = self.prefix_keys[0].new_zeros(B, 1, 1, P)
+            self.prefix_bias = pad.masked_fill(~prompt_mask.bool()[:, None, None, :], float("-inf"))
 
     def should_drop(self, live: int, held: int) -> bool:
         """Drop finished rows only when the live ones fit in fewer GEMM column blocks: below
@@ -338,33 +356,17 @@ class SharedPrefixSteps:
 
     def _kernel_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """`step` with the decoder layers in grpo/llama_step.c (one call per step)."""
-        model, config = self.model, self.model.config
+        model = self.model
         n = token.shape[0]
-        width = -(-n // 16) * 16  # the kernel's GEMM takes 16 columns at a time
+        width = -(-n // KERNEL_COLUMNS) * KERNEL_COLUMNS
         x, scratch = self._buffers(width)  # (C, width), scratch
         embedded = model.model.embed_tokens(token)  # (n, C)
         x[:, :n] = embedded.t()
         cos, sin = model.model.rotary_emb(embedded, position[None])  # (1, n, D)
         cos, sin = cos[0].t().contiguous(), sin[0].t().contiguous()  # (D, n)
-        layer = self.layers[0]
-        shape = _Shape(
-            layers=len(self.layers),
-            hidden=config.hidden_size,
-            heads=self.heads,
-            kv_heads=self.kv_heads,
-            head_dim=self.head_dim,
-            inner=layer.mlp.down_proj.in_features,
-            groups=self.B,
-            group=self.G,
-            prefix=self.prefix_keys[0].shape[2],
-            capacity=self.own_keys[0].shape[2],
-            n=n,
-            width=width,
-            t=self.length,
-            eps=layer.input_layernorm.variance_epsilon,
-            scaling=layer.self_attn.scaling,
-            threads=torch.get_num_threads(),
-        )
+        shape = self.shape
+        shape.n, shape.width, shape.t = n, width, self.length
+        shape.threads = torch.get_num_threads()
         kernels.library().llama_step(
             ctypes.byref(shape),
             x.data_ptr(),
