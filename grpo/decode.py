@@ -14,7 +14,10 @@ same seeds) with less work around it:
   work (`should_drop` of the step state: at once on the HF path; on the llama/qwen2 path when
   the live rows fit in fewer GEMM column blocks), and the loop stops when no row is left,
   instead of decoding padding for finished rows until the longest ends;
-- no logits processors, stopping criteria or per-step input preparation beyond the model call.
+- no logits processors, stopping criteria or per-step input preparation beyond the model call;
+  which rows still decode is tracked on the host, so on a GPU a step waits for the device once
+  (the copy of its sampled tokens) and sends it only the next tokens (and, when rows leave,
+  which rows stay).
 
 `grpo.rollout.generate` uses it whenever the model allows; the HF path stays for FSDP
 (`synced_gpus`) and stop strings.
@@ -166,32 +169,41 @@ def _decode(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_id, 
         steps = _CacheSteps(model, cache, prompt_mask, G)
     logits = last.float().repeat_interleave(G, dim=0)  # (N, V)
     next_position = positions[:, -1].repeat_interleave(G, dim=0) + 1  # (N,)
-    held = torch.arange(logits.shape[0], device=device)  # (h,) rows the step state holds
+    # which rows are held and live is decided on the host from each step's tokens, copied there
+    # once per step: the only point where the loop waits for the device
+    held = torch.arange(logits.shape[0])  # (h,) rows the step state holds
     live = torch.ones_like(held, dtype=torch.bool)  # (h,) which of them still decode
-    eos = torch.tensor(list(eos_ids), device=device)
-    tokens = torch.full((logits.shape[0], max_new_tokens), pad_id, device=device)  # (N, T)
+    eos = torch.tensor(list(eos_ids))
+    tokens = torch.full((logits.shape[0], max_new_tokens), pad_id)  # (N, T)
     length = 0
     for t in range(max_new_tokens):
         every = bool(live.all())
         rows = held if every else held[live]  # (n,) rows still decoding
-        token = choose(logits if every else logits[live], rows.tolist()).to(device)  # (n,)
+        scores = logits if every else logits[_to(live.nonzero().squeeze(1), device)]  # (n, V)
+        token = choose(scores, rows.tolist()).cpu()  # (n,)
         tokens[rows, t] = token
         length = t + 1
         finished = torch.isin(token, eos)  # (n,)
         if t == max_new_tokens - 1 or bool(finished.all()):
             break
         feed = torch.full_like(held, pad_id)  # (h,) finished rows are fed padding, never read
-        if bool(finished.any()):
-            live[live.nonzero().squeeze(1)[finished]] = False
+        live[live.nonzero().squeeze(1)[finished]] = False
         feed[live] = token[~finished]
         if steps.should_drop(int(live.sum()), held.shape[0]):
             keep = live.nonzero().squeeze(1)  # (h',)
             held, live, feed = held[keep], live[keep], feed[keep]
+            keep = _to(keep, device)
             next_position = next_position[keep]
             steps.drop(keep)
-        logits = steps.step(feed, next_position).float()  # (h, V)
+        logits = steps.step(_to(feed, device), next_position).float()  # (h, V)
         next_position = next_position + 1
-    return tokens[:, :length]  # (N, T)
+    return tokens[:, :length].to(device)  # (N, T)
+
+
+def _to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`, without waiting for the work queued there (the copy
+    from pageable memory is staged at once, so the host tensor may change afterwards)."""
+    return index.to(device, non_blocking=True)
 
 
 class _CacheSteps:

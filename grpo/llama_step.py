@@ -79,11 +79,11 @@ def _linear(weight: torch.Tensor, bias, x: torch.Tensor, n: int) -> torch.Tensor
     return out if bias is None else out + bias[:, None]
 
 
-def _logits(head: torch.nn.Linear, x: torch.Tensor, n: int) -> torch.Tensor:
+def _logits(weight: torch.Tensor, bias, x: torch.Tensor, n: int) -> torch.Tensor:
     """The LM head on the first n columns of x (C, width): logits (n, V), one row per sequence
     (the kernel writes them so; the transpose of a (V, n) result cost 2.5 ms per step)."""
-    logits = skinny_gemm.mm(head.weight, x, transposed=True)[:n]  # (n, V)
-    return logits if head.bias is None else logits + head.bias
+    logits = skinny_gemm.mm(weight, x, transposed=True)[:n]  # (n, V)
+    return logits if bias is None else logits + bias
 
 
 def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -91,23 +91,46 @@ def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
-def _stack(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weights (and biases, zeros where one has none) of linears on the same input, stacked."""
-    weight = torch.cat([m.weight for m in linears])  # (sum out, in)
+def gemm_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the decode steps' GEMMs run in: the autocast dtype where autocast is on for the
+    weights' device and would cast them (fp32), else the weights' own."""
+    weight = model.lm_head.weight
+    device = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`tensor` in `dtype` (itself when it already is)."""
+    return None if tensor is None else tensor.to(dtype)
+
+
+def _stack(linears, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weights (and biases, zeros where one has none) of linears on the same input, stacked,
+    in `dtype`."""
+    weight = torch.cat([m.weight.to(dtype) for m in linears])  # (sum out, in)
     if all(m.bias is None for m in linears):
         return weight, None
     zeros = linears[0].weight.new_zeros
-    return weight, torch.cat([zeros(m.out_features) if m.bias is None else m.bias for m in linears])
+    biases = [zeros(m.out_features) if m.bias is None else m.bias for m in linears]
+    return weight, torch.cat(biases).to(dtype)
 
 
 class _Fused:
-    """A layer's q/k/v and gate/up projections stacked, so each group is one GEMM; built per
-    decode (the policy changes between rollouts), freed with it."""
+    """A layer's q/k/v and gate/up projections stacked, so each group is one GEMM, and its o and
+    down projections, all in the steps' GEMM dtype: built once per decode (the policy changes
+    between rollouts; autocast would cast the stacked weights again at every step, as they are
+    no parameters it caches), freed with it. In the weights' own dtype they are the weights."""
 
-    def __init__(self, layer: torch.nn.Module) -> None:
+    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv, self.qkv_bias = _stack((attn.q_proj, attn.k_proj, attn.v_proj))  # ((H+2Hkv)D, C)
-        self.gate_up, self.gate_up_bias = _stack((mlp.gate_proj, mlp.up_proj))  # (2·I, C)
+        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv, self.qkv_bias = _stack(qkv, dtype)  # ((H+2Hkv)D, C)
+        self.gate_up, self.gate_up_bias = _stack((mlp.gate_proj, mlp.up_proj), dtype)  # (2·I, C)
+        self.o, self.o_bias = _cast(attn.o_proj.weight, dtype), _cast(attn.o_proj.bias, dtype)
+        down = mlp.down_proj
+        self.down, self.down_bias = _cast(down.weight, dtype), _cast(down.bias, dtype)
 
 
 def _rotate(xt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -214,8 +237,9 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 def fused_applies(model: PreTrainedModel, prompt_mask: torch.Tensor) -> bool:
     """True when `grpo/llama_step.c` runs the decoder layers of this decode: the kernel library
-    is built, everything is contiguous fp32 on the CPU, the activation is SiLU, every RMSNorm has
-    the same epsilon, rotary covers the whole head and the prompts are left-padded."""
+    is built, everything is contiguous fp32 on the CPU without autocast, the activation is SiLU,
+    every RMSNorm has the same epsilon, rotary covers the whole head and the prompts are
+    left-padded."""
     layers = model.model.layers
     norms = [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
     norms.append(model.model.norm)
@@ -223,6 +247,7 @@ def fused_applies(model: PreTrainedModel, prompt_mask: torch.Tensor) -> bool:
         kernels.library() is not None
         and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
         and all(p.is_contiguous() for p in model.parameters())
+        and not torch.is_autocast_enabled("cpu")
         and all(type(layer.mlp.act_fn) in SILU for layer in layers)
         and len({m.variance_epsilon for m in norms}) == 1
         and len({layer.self_attn.scaling for layer in layers}) == 1
@@ -259,7 +284,10 @@ class SharedPrefixSteps:
         self.length = 0  # completion tokens in the own cache
         self.operands: dict[tuple[int, int], torch.Tensor] = {}  # (K, width) -> GEMM operand
         self.alive = torch.arange(self.N, device=prompt_mask.device)  # (n,)
-        self.fused = [_Fused(layer) for layer in self.layers]
+        self.dtype = gemm_dtype(model)  # of every GEMM operand, weights cast once here
+        self.fused = [_Fused(layer, self.dtype) for layer in self.layers]
+        head = model.lm_head
+        self.head, self.head_bias = _cast(head.weight, self.dtype), _cast(head.bias, self.dtype)
         self.kernel = fused_applies(model, prompt_mask)
         if self.kernel:
             self.prefix_keys = [k.contiguous() for k in self.prefix_keys]
@@ -305,18 +333,18 @@ class SharedPrefixSteps:
         """The kernel's per-layer pointer table (in grpo/llama_step.c's slot order)."""
         pointers = []
         for i, layer in enumerate(self.layers):
-            attn, mlp, fused = layer.self_attn, layer.mlp, self.fused[i]
+            fused = self.fused[i]
             pointers += [
                 layer.input_layernorm.weight.data_ptr(),
                 fused.qkv.data_ptr(),
                 _pointer(fused.qkv_bias),
-                attn.o_proj.weight.data_ptr(),
-                _pointer(attn.o_proj.bias),
+                fused.o.data_ptr(),
+                _pointer(fused.o_bias),
                 layer.post_attention_layernorm.weight.data_ptr(),
                 fused.gate_up.data_ptr(),
                 _pointer(fused.gate_up_bias),
-                mlp.down_proj.weight.data_ptr(),
-                _pointer(mlp.down_proj.bias),
+                fused.down.data_ptr(),
+                _pointer(fused.down_bias),
                 self.prefix_keys[i].data_ptr(),
                 self.prefix_values[i].data_ptr(),
                 self.own_keys[i].data_ptr(),
@@ -342,17 +370,15 @@ class SharedPrefixSteps:
             self.own_keys[i][:, :, t] = qk[H:].permute(2, 0, 1)
             self.own_values[i][:, :, t] = qkv[H + Hkv :].permute(2, 0, 1)
             out = self._attention(i, qk[:H].permute(2, 0, 1), attn.scaling, t + 1)  # (n, H, D)
-            o = attn.o_proj
-            x = x + _linear(o.weight, o.bias, self._operand(out.reshape(n, -1).t()), n).t()
+            x = x + _linear(fused.o, fused.o_bias, self._operand(out.reshape(n, -1).t()), n).t()
             h = self._operand(_rms_norm(layer.post_attention_layernorm, x).t())  # (C, width)
             gate_up = _linear(fused.gate_up, fused.gate_up_bias, h, n)  # (2·I, n)
             inner = gate_up.shape[0] // 2
             gated = mlp.act_fn(gate_up[:inner]) * gate_up[inner:]  # (I, n)
-            down = mlp.down_proj
-            x = x + _linear(down.weight, down.bias, self._operand(gated), n).t()  # (n, C)
+            x = x + _linear(fused.down, fused.down_bias, self._operand(gated), n).t()  # (n, C)
         self.length = t + 1
         h = self._operand(_rms_norm(model.model.norm, x).t())  # (C, width)
-        return _logits(model.lm_head, h, n)
+        return _logits(self.head, self.head_bias, h, n)
 
     def _kernel_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """`step` with the decoder layers in grpo/llama_step.c (one call per step)."""
@@ -379,7 +405,7 @@ class SharedPrefixSteps:
             scratch.data_ptr(),
         )
         self.length += 1
-        return _logits(model.lm_head, x, n)
+        return _logits(self.head, self.head_bias, x, n)
 
     def _buffers(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's residual stream (C, width) and scratch for `width` columns (reused)."""
@@ -393,17 +419,18 @@ class SharedPrefixSteps:
         return self.buffers[width]
 
     def _operand(self, xt: torch.Tensor) -> torch.Tensor:
-        """xt (K, n) as a contiguous (K, width) GEMM operand, width = n rounded up to a multiple
-        of COLUMN_BLOCK: `grpo.skinny_gemm` takes 16 or 32 columns at a time, and MKL (its
-        fallback) takes 1.7x as long at 31 columns as at 32 on this CPU. One reused buffer per
-        shape; what the padding columns hold never matters (columns of W @ x do not mix)."""
+        """xt (K, n) as a contiguous (K, width) GEMM operand in the GEMM dtype, width = n rounded
+        up to a multiple of COLUMN_BLOCK: `grpo.skinny_gemm` takes 16 or 32 columns at a time,
+        and MKL (its fallback) takes 1.7x as long at 31 columns as at 32 on this CPU. One reused
+        buffer per shape; what the padding columns hold never matters (columns of W @ x do not
+        mix)."""
         K, n = xt.shape
         width = column_width(n)
-        if width == n and xt.is_contiguous():
+        if width == n and xt.is_contiguous() and xt.dtype == self.dtype:
             return xt
         buffer = self.operands.get((K, width))
-        if buffer is None:
-            buffer = self.operands[(K, width)] = xt.new_zeros(K, width)  # (K, width)
+        if buffer is None:  # (K, width)
+            buffer = self.operands[(K, width)] = xt.new_zeros(K, width, dtype=self.dtype)
         buffer[:, :n] = xt
         return buffer
 

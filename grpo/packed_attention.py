@@ -9,9 +9,13 @@ fewer at P = 110 and four slots of 128), in the forward and the backward. The ma
 used are slices of the packed mask itself, so the result is the same attention, only computed
 in pieces.
 
-`packed_attention(model)` switches a model with SDPA attention to it for the duration;
-the model's forward then takes `packed_layout=(P, slots per sequence)`. Without that argument
-(and for anything but a packed group) the function is exactly SDPA.
+The function is registered with HF's attention and mask interfaces under `NAME`; without a
+`packed_layout=(P, slots per sequence)` argument it is exactly SDPA, with SDPA's masks. A model
+that trains with it attends with it for good (`use_packed_attention`): gradient checkpointing
+recomputes a layer in the backward with whatever attention the config names then, so a switch
+for the duration of the forward only would recompute with plain SDPA and save other tensors.
+`packed_attention` switches any model for the duration of a forward without backward (the
+packed prefill of `grpo.llama_step`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from contextlib import contextmanager
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "grpo_packed_sdpa"
 
@@ -94,11 +99,24 @@ def packed_sdpa_forward(
 
 
 AttentionInterface.register(NAME, packed_sdpa_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # 2D masks become what SDPA would get
+
+
+def use_packed_attention(config) -> bool:
+    """Whether a model with this config attends with `packed_sdpa_forward`, switching an SDPA
+    config to it for the rest of the model's life (the same attention for every forward
+    without `packed_layout`, so generation and evaluation are unchanged)."""
+    if config is None:
+        return False
+    if config._attn_implementation == "sdpa":
+        config._attn_implementation = NAME
+    return config._attn_implementation == NAME
 
 
 @contextmanager
 def packed_attention(config) -> Iterator[None]:
-    """Inside: a model with this (SDPA) config attends with `packed_sdpa_forward`."""
+    """Inside: a model with this config attends with `packed_sdpa_forward` (forwards without
+    backward only: a checkpointed layer recomputes after the switch back)."""
     before = config._attn_implementation
     config._attn_implementation = NAME
     try:

@@ -28,7 +28,7 @@ from transformers import (
 from grpo.data import build_messages
 from grpo.decode import decode
 from grpo.kernels import library
-from grpo.packed_attention import packed_attention
+from grpo.packed_attention import use_packed_attention
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str) -> str:
@@ -110,8 +110,8 @@ def stream_uniforms(seeds: torch.Tensor, offsets: torch.Tensor, count: int) -> t
     Element j of a seed's stream is the SplitMix64 output mix(seed + (j + 1)·GAMMA) (mod 2^64),
     its top 24 bits as a float in [0, 1): computed directly from (seed, j), so rows draw
     independently of each other and of how the work is batched. Same numbers as
-    grpo/rollout.c's (int64 arithmetic wraps around)."""
-    index = offsets[:, None] + torch.arange(1, count + 1)  # (n, count)
+    grpo/rollout.c's (int64 arithmetic wraps around), on the device of `seeds`."""
+    index = offsets[:, None] + torch.arange(1, count + 1, device=offsets.device)  # (n, count)
     z = seeds[:, None] + index * _int64(GAMMA)  # (n, count)
     z = (z ^ _shift_right(z, 30)) * _int64(MIX1)
     z = (z ^ _shift_right(z, 27)) * _int64(MIX2)
@@ -126,9 +126,10 @@ def gumbel_argmax(
     of softmax(logits / temperature). Row i's noise is -log(-log(u)) of `stream_uniforms` of
     seeds[i] from offsets[i] (int64, (n,)).
 
-    Runs `grpo/rollout.c` in one pass where the kernels are built (CPU fp32), else in torch;
-    both give the same tokens up to the last bit of the logs (a near-tie of the two best noisy
-    scores, rare enough that no sampled token has differed in the tests)."""
+    Runs `grpo/rollout.c` in one pass where the kernels are built (CPU fp32), else in torch on
+    the logits' device (only the (n,) seeds and offsets travel there, without waiting for the
+    device); both give the same tokens up to the last bit of the logs (a near-tie of the two
+    best noisy scores, rare enough that no sampled token has differed in the tests)."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and library() is not None:
         logits = logits.contiguous()
         seeds, offsets = seeds.long().contiguous(), offsets.long().contiguous()
@@ -145,10 +146,13 @@ def gumbel_argmax(
             torch.get_num_threads(),
         )
         return tokens
-    uniforms = stream_uniforms(seeds.cpu(), offsets.cpu(), logits.shape[-1])  # (n, V)
+    device = logits.device
+    seeds = seeds.to(device, torch.long, non_blocking=True)  # (n,)
+    offsets = offsets.to(device, torch.long, non_blocking=True)  # (n,)
+    uniforms = stream_uniforms(seeds, offsets, logits.shape[-1])  # (n, V)
     tiny = torch.finfo(torch.float32).tiny
     gumbel = -torch.log(-torch.log(uniforms.clamp(min=tiny)))  # (n, V)
-    return (logits.float() / temperature + gumbel.to(logits.device)).argmax(dim=-1)  # (n,)
+    return (logits.float() / temperature + gumbel).argmax(dim=-1)  # (n,)
 
 
 class SeededSampler(LogitsProcessor):
@@ -170,6 +174,7 @@ class SeededSampler(LogitsProcessor):
         if sampling.temperature <= 0:
             raise ValueError("SeededSampler needs temperature > 0")
         self.sampling = sampling
+        # on the host, whatever the model's device: the bookkeeping never waits for the device
         self.seeds = torch.tensor(list(seeds), dtype=torch.long)  # (N,)
         self.offsets = torch.zeros_like(self.seeds)  # (N,) uniforms each row has used
 
@@ -340,9 +345,10 @@ def completion_logprobs(
     the full (N, P + T, V) logits tensor is never built. Gradients flow when grad is enabled.
     Consecutive rows of a chunk with the same prompt (a GRPO group) are packed into one sequence,
     prompt once then each completion, so the prompt is computed once per group (`pack_group`);
-    models without SDPA attention (which the packed mask needs) get one sequence per row.
+    an SDPA model switches to packed attention for good (`use_packed_attention`); models
+    without SDPA attention (which the packed mask needs) get one sequence per row.
     """
-    packed = _attention(model) == "sdpa"
+    packed = use_packed_attention(_config(model))
     scale = temperature if temperature > 0 else 1.0
     rows = []
     for begin in range(0, prompt_ids.shape[0], chunk_size):
@@ -379,11 +385,6 @@ def _config(model: torch.nn.Module):
     while not hasattr(model, "config") and hasattr(model, "module"):
         model = model.module
     return getattr(model, "config", None)
-
-
-def _attention(model: torch.nn.Module) -> str | None:
-    """The attention implementation of a model (see `_config`)."""
-    return getattr(_config(model), "_attn_implementation", None)
 
 
 def _row_logprobs(model, prompt_ids, prompt_mask, completion_ids, scale) -> torch.Tensor:
@@ -492,15 +493,14 @@ def _packed_logprobs(model, prompt_ids, prompt_mask, completion_ids, scale, leng
     """Completion-token log-probs, rows packed by prompt (`pack_group`): (c, T), 0 past
     `lengths`."""
     pk = pack_group(prompt_ids, prompt_mask, completion_ids, lengths)
-    with packed_attention(_config(model)):  # skips the masked-out slot-to-slot blocks
-        logits = model(
-            input_ids=pk.input_ids,
-            attention_mask=pk.attention,
-            position_ids=pk.positions,
-            logits_to_keep=pk.keep,
-            use_cache=False,
-            packed_layout=pk.layout,
-        ).logits  # (m, K, V)
+    logits = model(
+        input_ids=pk.input_ids,
+        attention_mask=pk.attention,
+        position_ids=pk.positions,
+        logits_to_keep=pk.keep,
+        use_cache=False,
+        packed_layout=pk.layout,  # skips the masked-out slot-to-slot blocks
+    ).logits  # (m, K, V)
     targets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)  # (m, K)
     rows = pk.group[:, None].expand_as(pk.row_keep)  # (c, T)
     targets[rows[pk.valid], pk.row_keep[pk.valid]] = completion_ids[pk.valid]

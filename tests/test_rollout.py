@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
-from grpo import kernels, llama_step
+from grpo import kernels, llama_step, packed_attention, rollout, skinny_gemm
 from grpo.decode import SMALL_BATCH, few_rows_linears
 from grpo.loss import grpo_loss
 from grpo.rollout import (
@@ -118,6 +119,46 @@ def test_gumbel_kernel_and_torch_pick_the_same_tokens_never_a_masked_one(monkeyp
         assert torch.isfinite(logits.gather(1, fast[:, None])).all()
         assert fast[5] == 777
     assert kernels.library() is not None
+
+
+def test_gumbel_fallback_draws_on_the_logits_device_from_any_dtype(monkeypatch):
+    """The torch fallback computes the noise where the logits are (only the (n,) seeds and
+    offsets travel there, never (n, V) uniforms) and picks from bf16 or fp64 logits the tokens
+    it picks from their fp32 values."""
+    generator = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(8, 1001, generator=generator).bfloat16().float()  # (n, V)
+    seeds = torch.tensor(row_seeds(2, 0, range(8)))  # (n,)
+    offsets = torch.arange(8) * 1001  # (n,)
+    monkeypatch.setattr("grpo.rollout.library", lambda: None)
+    want = gumbel_argmax(logits, 0.7, seeds, offsets)
+    for dtype in (torch.bfloat16, torch.float64):
+        assert torch.equal(gumbel_argmax(logits.to(dtype), 0.7, seeds, offsets), want)
+    devices = []
+    stream = rollout.stream_uniforms
+    monkeypatch.setattr(
+        rollout,
+        "stream_uniforms",
+        lambda s, o, count: devices.append((s.device, o.device)) or stream(s, o, count),
+    )
+    got = gumbel_argmax(logits.to("meta"), 0.7, seeds, offsets)  # a device holding no values
+    assert got.device.type == "meta" and got.shape == (8,)
+    assert devices == [(torch.device("meta"), torch.device("meta"))]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gumbel_on_cuda_picks_the_tokens_of_the_cpu():
+    """The noise stream on CUDA equals the CPU's bit for bit, and so do the sampled tokens."""
+    generator = torch.Generator().manual_seed(2)
+    logits = 3 * torch.randn(32, 4099, generator=generator)  # (n, V)
+    seeds = torch.tensor(row_seeds(4, 1, range(32)))  # (n,)
+    offsets = torch.arange(32) * 4099 + 2**40  # (n,)
+    cuda = torch.device("cuda")
+    on_cuda = stream_uniforms(seeds.to(cuda), offsets.to(cuda), 4099)
+    assert torch.equal(on_cuda.cpu(), stream_uniforms(seeds, offsets, 4099))
+    got = gumbel_argmax(logits.to(cuda), 0.9, seeds, offsets)
+    assert got.device.type == "cuda"
+    assert torch.equal(got.cpu(), gumbel_argmax(logits, 0.9, seeds, offsets))
 
 
 def test_seeded_sampler_top_k_and_top_p_restrict_the_support():
@@ -326,6 +367,56 @@ def test_llama_step_logits_equal_the_full_forward(lm, arch, kernel, monkeypatch)
         torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-5)
 
 
+class _Casts(TorchDispatchMode):
+    """Records the shape of every tensor cast to another dtype (autocast's casts included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and "dtype" in kwargs:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **kwargs)
+
+
+def test_llama_step_casts_its_weights_once_per_decode_under_autocast(lm, monkeypatch):
+    """Under bf16 autocast the steps' weights (stacked q/k/v and gate/up, o, down, head) are
+    cast once, when the decode state is built, and every GEMM runs in bf16: no step casts a
+    weight again. The logits stay as close to the HF forward under the same autocast as
+    bf16 allows (the C kernels, fp32 only, stand aside; the GEMMs are torch.mm, as on GPUs)."""
+    monkeypatch.setattr(skinny_gemm, "applies", lambda weight, xt: False)
+    _, tokenizer = lm
+    model = tiny.build_model(tokenizer, seed=1, arch="qwen2").eval()
+    enc = tokenizer(_prompts(tokenizer, 3), return_tensors="pt", padding=True, padding_side="left")
+    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
+    B, G, steps = prompt_ids.shape[0], 3, 4
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    fed = torch.randint(3, model.config.vocab_size, (B * G, steps))  # (N, steps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keys, values, _ = llama_step.prefill(model, prompt_ids, prompt_mask)
+        state = llama_step.SharedPrefixSteps(model, keys, values, prompt_mask, G, steps)
+        assert not state.kernel and state.dtype == torch.bfloat16
+        fused = state.fused[0]
+        cast = (fused.qkv, fused.qkv_bias, fused.gate_up, fused.o, fused.down, state.head)
+        assert all(tensor.dtype == torch.bfloat16 for tensor in cast)
+        weights = {tuple(p.shape) for p in [*model.parameters(), *cast] if p.dim() == 2}
+        for t in range(steps):
+            position = positions.repeat_interleave(G, dim=0)[:, -1] + 1 + t
+            with _Casts() as casts:
+                logits = state.step(fed[:, t], position)  # (N, V)
+            assert not [shape for shape in casts.shapes if shape in weights], casts.shapes
+            ids, mask, pos = sequence_inputs(
+                prompt_ids.repeat_interleave(G, dim=0),
+                prompt_mask.repeat_interleave(G, dim=0),
+                fed[:, : t + 1],
+            )
+            with torch.no_grad():
+                full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+            torch.testing.assert_close(logits.float(), full.float(), rtol=0.01, atol=0.004)
+
+
 @pytest.mark.parametrize("budget", [1, 60, 2048], ids=["one-per-call", "some-per-call", "all"])
 def test_prefill_packs_prompts_into_the_kv_of_the_padded_batch(lm, budget, monkeypatch):
     """Packed prefill (real tokens back to back, in calls of up to PREFILL_TOKENS) gives the
@@ -393,7 +484,7 @@ def test_packed_logprobs_and_gradients_match_one_sequence_per_row(lm):
     gradients as scoring every row alone, for any chunking, including groups split by chunks,
     with every slot T long or (given the completion mask) as long as its own completion."""
     model, tokenizer = lm
-    assert model.config._attn_implementation == "sdpa"  # the packed path runs
+    assert model.config._attn_implementation in ("sdpa", packed_attention.NAME)  # packed path
     cfg = generation_config(max_new_tokens=8, eos_ids=[2, *range(5, 200, 9)], pad_id=2)
     gen = generate(
         model,
