@@ -16,6 +16,11 @@ name and renamed into place, with a `COMPLETE` marker written last; anything els
 The `.pt` files hold only tensors and plain containers and are read with `weights_only=True`.
 A checkpoint whose fingerprint differs from the current run's is stale: `resumable` removes the
 folder so the run starts fresh instead of continuing with other params, data, model or code.
+
+Several nodes: each node's writer keeps its own folder (no shared filesystem needed) and
+`agreed` picks the newest step every node has complete with the same fingerprint, else none.
+On resume only global rank 0 reads the weights and optimizer state (`load(weights=False)`
+elsewhere); the trainer broadcasts them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from grpo import distributed
 from grpo.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -118,14 +124,17 @@ class Checkpoint:
         return int(self.state["step"])
 
 
-def load(path: Path) -> Checkpoint:
+def load(path: Path, *, weights: bool = True) -> Checkpoint:
+    """Read a checkpoint; `weights=False` skips the model, reference and optimizer files (their
+    dicts stay empty: a rank that receives them by broadcast), `ref_state` None still means
+    there is no reference file."""
     ref = path / "ref.safetensors"
     return Checkpoint(
         path=path,
         state=json.loads((path / "state.json").read_text()),
-        model_state=load_file(path / "model.safetensors"),
-        ref_state=load_file(ref) if ref.exists() else None,
-        optimizer_state=torch.load(path / "optimizer.pt", weights_only=True),
+        model_state=load_file(path / "model.safetensors") if weights else {},
+        ref_state=(load_file(ref) if weights else {}) if ref.exists() else None,
+        optimizer_state=(torch.load(path / "optimizer.pt", weights_only=True) if weights else {}),
         scheduler_state=torch.load(path / "scheduler.pt", weights_only=True),
         rng=torch.load(path / "rng.pt", weights_only=True),
     )
@@ -158,6 +167,43 @@ def resumable(folder: Path, fingerprint: str) -> Path | None:
             shutil.rmtree(item)
         return None
     return latest
+
+
+def _step(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def agreed(folder: Path, fingerprint: str, d: distributed.Dist) -> Path | None:
+    """The checkpoint every node resumes from: the newest step that every node's writer has
+    complete with this same fingerprint, or None (a fresh start). A collective.
+
+    Each writer first cleans its folder (`resumable`), and afterwards drops what it will not
+    resume from: newer checkpoints, or all of them on a fresh start.
+    """
+    view = None
+    if d.writes_files:
+        latest = resumable(folder, fingerprint)
+        view = (fingerprint, [_step(p) for p in complete(folder)] if latest else [])
+    nodes = [v for v in distributed.all_gather_objects(view, d) if v is not None]
+    common: set[int] = set()
+    if len({fp for fp, _ in nodes}) > 1:
+        log.warning(
+            "the nodes' runs differ in params, inputs or code (fingerprints %s); starting a "
+            "fresh run",
+            ", ".join(sorted({fp[:12] for fp, _ in nodes})),
+        )
+    else:
+        common = set.intersection(*(set(steps) for _, steps in nodes))
+    step = max(common, default=None)
+    if d.writes_files:
+        for path in complete(folder):
+            if step is None or _step(path) > step:
+                shutil.rmtree(path)
+    if step is None:
+        if any(steps for _, steps in nodes):
+            log.warning("no checkpoint that every node has; starting a fresh run")
+        return None
+    return folder / f"step-{step:06d}"
 
 
 def restore_log_dir(ckpt: Path, log_dir: Path) -> None:

@@ -1,14 +1,15 @@
 """Data parallelism on torch.distributed: process groups, DDP / FSDP2 wrapping, collectives.
 
-Owns everything that differs between one process and many (launched by torchrun): which rank
-does what, how the global batch of prompts is split (whole prompts, so a group of completions
+Owns everything that differs between one process and many (launched by `grpo.launch`): which
+rank does what (global rank 0 logs to W&B; each node's local rank 0 writes that node's files),
+how the global batch of prompts is split (whole prompts, so a group of completions
 never spans ranks), how metrics are gathered, how gradients are synchronised (DDP all-reduce or
 FSDP2 `fully_shard` sharding), and how a full, plain state dict is rebuilt for saving. With one
 process every helper is a no-op, so the trainer has a single code path.
 
-Backend: NCCL on CUDA, gloo on CPU. Multi-node runs need no code change: torchrun reads its
-rendezvous settings from PET_* environment variables (PET_NNODES, PET_NODE_RANK,
-PET_MASTER_ADDR, PET_MASTER_PORT, or PET_RDZV_ENDPOINT / PET_RDZV_BACKEND).
+Backend: NCCL on CUDA, gloo on CPU; rendezvous from torch's env:// variables (`grpo.launch`
+sets them, multi-node from GRPO_* variables). Saving gathers full tensors collectively but only
+the writers keep a CPU copy; loading reads on global rank 0 and broadcasts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-RENDEZVOUS_ENV = ("PET_NNODES", "PET_RDZV_ENDPOINT", "PET_MASTER_ADDR")
+from grpo.launch import LAUNCHER_PID
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,15 @@ class Dist:
     def enabled(self) -> bool:
         return self.world > 1
 
+    @property
+    def writes_files(self) -> bool:
+        """This node's writer (local rank 0): checkpoints, the final model and DVCLive files
+        live on every node, so no node needs a shared filesystem."""
+        return self.local_rank == 0
+
 
 def init() -> Dist:
-    """Join the process group torchrun set up (WORLD_SIZE > 1), else a single-process Dist."""
+    """Join the process group the launcher set up (WORLD_SIZE > 1), else a single-process Dist."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -59,11 +66,24 @@ def init() -> Dist:
 
 
 def shutdown() -> None:
-    """Leave the process group; every rank waits for the others first (gloo can hang when one
-    rank tears down while another is still finishing its last collective)."""
+    """Leave the process group after a run every rank ended at the same point (done, or stopped
+    on a signal); every rank waits for the others first (gloo can hang when one rank tears down
+    while another is still finishing its last collective)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def abort() -> None:
+    """Leave the process group after an error on this rank: no barrier (the other ranks may sit
+    in a collective that never completes; the launcher stops them)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def under_launcher() -> bool:
+    """Whether `grpo.launch` started this process (it escalates repeated signals itself)."""
+    return LAUNCHER_PID in os.environ
 
 
 def resolve_nproc(value: int | str) -> int:
@@ -71,19 +91,6 @@ def resolve_nproc(value: int | str) -> int:
     if value == "auto":
         return max(1, torch.cuda.device_count())
     return int(value)
-
-
-def torchrun_command(nproc: int, module: str, argv: Sequence[str]) -> list[str]:
-    """The torchrun command that reruns `python -m module argv` in `nproc` processes.
-
-    Single node by default (`--standalone`); multi-node settings come from PET_* variables.
-    """
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    if not any(os.environ.get(var) for var in RENDEZVOUS_ENV):
-        cmd.append("--standalone")
-    return [*cmd, "-m", module, *argv]
 
 
 def shard(items: Sequence, d: Dist) -> list:
@@ -183,43 +190,82 @@ def is_sharded(model: nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync")
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A plain (unsharded, CPU) state dict; a collective under FSDP, so call it on every rank."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _gathered(tree, keep: bool):
+    """`tree` with every tensor whole and on the CPU where `keep`, else emptied; sharded
+    (DTensor) values are gathered on every rank in the same order (a collective each), and the
+    ranks that do not keep them drop each full tensor at once."""
+    if isinstance(tree, dict):
+        out = {k: _gathered(v, keep) for k, v in tree.items()}
+        return out if keep else {}
+    if isinstance(tree, list):
+        out = [_gathered(v, keep) for v in tree]
+        return out if keep else []
+    if isinstance(tree, torch.Tensor):
+        if hasattr(tree, "full_tensor"):
+            tree = tree.full_tensor()
+        return tree.detach().cpu() if keep else None
+    return tree
 
-        return get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+def full_state_dict(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """A plain (unsharded, CPU) state dict on the ranks that `keep` it, {} on the others.
+
+    A collective under FSDP (call it on every rank); under DDP only the keepers copy.
+    """
+    if not is_sharded(model):
+        return _gathered(dict(unwrap(model).state_dict()), keep) if keep else {}
+    for module in model.modules():
+        if hasattr(module, "reshard"):  # FSDP2 may keep the root unsharded after a forward
+            module.reshard()
+    return _gathered(dict(model.state_dict()), keep)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, keep: bool) -> dict:
     """The optimizer state as one plain dict keyed by parameter name, so a checkpoint written
-    under one strategy or process count loads under another (a collective under FSDP)."""
+    under one strategy or process count loads under another; {} where not `keep` (a collective
+    under FSDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if not is_sharded(model) and not keep:
+        return {}
+    local = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=False)
     )
+    return _gathered(local, keep)
+
+
+def _load_options():
+    """Full state dicts; with several processes only rank 0 holds one and broadcasts it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=several)
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a plain state dict (every rank passes the full dict; FSDP keeps its own shards)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """Load a plain state dict: rank 0 passes the full dict, the others may pass {} (they
+    receive it by broadcast; FSDP keeps only its own shards). `state` is consumed."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=_load_options())
 
 
 def load_full_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
 ) -> None:
-    """Inverse of `full_optimizer_state`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """Inverse of `full_optimizer_state`; like `load_full_state_dict`, rank 0's copy counts."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(
-        model, optimizer, state, options=StateDictOptions(full_state_dict=True)
-    )
+    set_optimizer_state_dict(model, optimizer, state, options=_load_options())
+
+
+def all_gather_objects(obj, d: Dist) -> list:
+    """Every rank's picklable `obj`, in rank order (a collective)."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(d: Dist) -> None:

@@ -131,6 +131,7 @@ class MetricsLogger:
         *,
         resume: bool = False,
         wandb_id: str | None = None,
+        use_wandb: bool = True,
     ) -> None:
         from dvclive import Live
 
@@ -139,7 +140,7 @@ class MetricsLogger:
         )
         self.wandb = None
         mode, project = cfg.wandb, cfg.wandb_project
-        if mode != "disabled":
+        if mode != "disabled" and use_wandb:
             import wandb
 
             self.wandb = wandb.init(
@@ -424,7 +425,11 @@ class GRPOTrainer:
     ) -> dict[str, float]:
         """Run every iteration and step, from `resume` when given; return a summary of the run
         (the same on every rank). SIGTERM / SIGINT end the current step, save a checkpoint and
-        raise Interrupted (a second signal stops at once)."""
+        raise Interrupted (see `_signals_stop_the_run` for repeated signals).
+
+        `resume` holds the weights and optimizer state on rank 0 at least (the other ranks may
+        hold empty dicts: they receive rank 0's by broadcast). Each node's writer keeps DVCLive
+        files; W&B logs from global rank 0 only."""
         cfg, d = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -438,16 +443,21 @@ class GRPOTrainer:
             self.history = list(resume.state["history"])
             self.skipped = int(resume.state["nonfinite_skipped"])
             checkpoint.set_rng_state(resume.rng)
-            if d.is_main:
+            if d.writes_files:
                 checkpoint.restore_log_dir(resume.path, Path(log_dir))
             distributed.barrier(d)
             log.info("resuming from %s (step %d)", resume.path, done)
         self.log_dir = Path(log_dir)
-        self.logger = (
-            MetricsLogger(log_dir, cfg, run_config, resume=resume is not None, wandb_id=wandb_id)
-            if d.is_main
-            else None
-        )
+        self.logger = None
+        if d.writes_files:  # every node's writer: metrics are gathered, the same everywhere
+            self.logger = MetricsLogger(
+                log_dir,
+                cfg,
+                run_config,
+                resume=resume is not None,
+                wandb_id=wandb_id,
+                use_wandb=d.is_main,
+            )
         total_steps = cfg.num_iterations * cfg.num_steps
         bar = tqdm(
             total=total_steps, initial=done, desc="grpo", unit="step", disable=not self.progress
@@ -528,8 +538,15 @@ class GRPOTrainer:
 
     @contextlib.contextmanager
     def _signals_stop_the_run(self):
-        """First SIGTERM / SIGINT: finish the step, save, stop. Second: the default action."""
+        """First SIGTERM / SIGINT: finish the step, save, stop.
+
+        A repeat depends on who escalates. Alone, the user does: a second signal takes the
+        default action (stop at once). Under `grpo.launch` the launcher does (its own second
+        signal kills the workers), and a worker may get one signal twice (Slurm's `scancel`
+        signals every process, and the launcher forwards it): repeats are ignored.
+        """
         signals = (signal.SIGTERM, signal.SIGINT)
+        launched = distributed.under_launcher()
         try:
             previous = {s: signal.getsignal(s) for s in signals}
         except ValueError:  # not the main thread: leave signals alone
@@ -537,11 +554,15 @@ class GRPOTrainer:
             return
 
         def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self._signal is not None:  # only under the launcher: handlers stay installed
+                log.info("%s again: ignored, the step's checkpoint is on its way", name)
+                return
             self._signal = signum
-            log.warning(
-                "%s: finishing step, then saving a checkpoint (again to stop at once)",
-                signal.Signals(signum).name,
-            )
+            if launched:
+                log.warning("%s: finishing step, then saving a checkpoint", name)
+                return
+            log.warning("%s: finishing step, then saving a checkpoint (again: stop at once)", name)
             for s in signals:
                 signal.signal(s, previous[s])
 
@@ -565,12 +586,14 @@ class GRPOTrainer:
         return bool(count)
 
     def save_checkpoint(self, optimizer, scheduler, step: int, iteration: int) -> Path:
-        """Gather full states on every rank (collective under FSDP); rank 0 writes."""
-        model_state = distributed.full_state_dict(self.engine)
+        """Every node's writer writes the full states (gathered by every rank under FSDP; only
+        the writers keep a CPU copy)."""
+        keep = self.dist.writes_files
+        model_state = distributed.full_state_dict(self.engine, keep)
         ref_state = None
         if self.ref is not None and iteration > 0:
-            ref_state = distributed.full_state_dict(self.ref)
-        optim_state = distributed.full_optimizer_state(self.engine, optimizer)
+            ref_state = distributed.full_state_dict(self.ref, keep)
+        optim_state = distributed.full_optimizer_state(self.engine, optimizer, keep)
         state = {
             "step": step,
             "iteration": iteration,
@@ -582,7 +605,7 @@ class GRPOTrainer:
             "fingerprint": self.fingerprint,
         }
         path = self.checkpoint_dir / f"step-{step:06d}"
-        if self.dist.is_main:
+        if keep:
             path = checkpoint.save(
                 self.checkpoint_dir,
                 state=state,
@@ -600,8 +623,9 @@ class GRPOTrainer:
         return distributed.unwrap(self.engine)
 
     def final_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights as a plain state dict (call on every rank)."""
-        return distributed.full_state_dict(self.engine)
+        """The trained weights as a plain state dict on every node's writer, {} on the other
+        ranks (call on every rank: a collective under FSDP)."""
+        return distributed.full_state_dict(self.engine, self.dist.writes_files)
 
     def _step_metrics(
         self, ro: Rollout, stats: Mapping[str, float], lr: float, seconds: float

@@ -13,8 +13,12 @@ and metrics as an uninterrupted run; otherwise the folder is emptied and the run
 Keys that change how a run executes but not what it computes may differ: RESUMABLE_KEYS.
 SIGTERM / SIGINT save a checkpoint after the current step and exit with 128 + the signal number.
 
-With `train.nproc_per_node` > 1 the stage relaunches itself under torchrun (one process per GPU,
-gloo on CPU); only rank 0 writes checkpoints, logs and the final model.
+With `train.nproc_per_node` > 1, or several nodes (GRPO_NNODES, GRPO_NODE_RANK,
+GRPO_MASTER_ADDR, GRPO_MASTER_PORT: see `grpo.launch`), the stage relaunches itself under
+`grpo.launch` (one process per GPU, gloo on CPU), which forwards SIGINT / SIGTERM once to every
+worker and ends the job when one fails. Each node's local rank 0 writes that node's
+checkpoints, DVCLive files and final model (no shared filesystem needed; W&B logs from global
+rank 0 only); on resume the nodes agree on the newest checkpoint they all have.
 """
 
 from __future__ import annotations
@@ -23,16 +27,16 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from grpo import checkpoint, config, distributed, model
+from grpo import launch as launcher
 from grpo.data import read_jsonl, sha256_file
 from grpo.errors import UserError
 from grpo.fsutil import check_writable
 from grpo.rewards import RewardFunctions
-from grpo.trainer import GRPOTrainer
+from grpo.trainer import GRPOTrainer, Interrupted
 from stages import _cli
 
 log = logging.getLogger(__name__)
@@ -72,30 +76,42 @@ def fingerprint(params: config.Params, model_dir: Path, data: Path) -> str:
     return digest.hexdigest()
 
 
-def launch(nproc: int) -> None:
-    """Rerun this stage under torchrun in `nproc` processes and wait for it."""
-    cmd = distributed.torchrun_command(nproc, "stages.train", sys.argv[1:])
-    log.info("launching %d processes: %s", nproc, " ".join(cmd))
-    code = subprocess.run(cmd, check=False).returncode
-    if code:
-        raise UserError(f"train: torchrun exited with code {code}; see the rank output above")
+def launch(topo: launcher.Topology) -> None:
+    """Rerun this stage in this node's `topo.nproc` worker processes and wait for them; a
+    worker's failure or a stop signal becomes this process's error and exit code."""
+    outcome = launcher.run([sys.executable, "-m", "stages.train", *sys.argv[1:]], topo)
+    error = outcome.error("train")
+    if error is not None:
+        raise error
 
 
 def main(args) -> None:
     params = config.load(args.params)
     cfg = params.train
     nproc, strategy = distributed.resolve_nproc(cfg.nproc_per_node), cfg.strategy
-    if "LOCAL_RANK" not in os.environ:  # the launcher (or the only process) checks, once
-        check_batch_split(cfg.batch_size, nproc)
+    worker = "LOCAL_RANK" in os.environ  # started by a launcher
+    if not worker:  # the launcher (or the only process) checks, once
+        topo = launcher.topology(nproc)
+        check_batch_split(cfg.batch_size, topo.world)
         check_writable(args.out, args.checkpoints, args.log_dir)
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        launch(nproc)
-        return
+        if topo.world > 1:
+            launch(topo)
+            return
     d = distributed.init()
+    together = False  # whether every rank ends at the same point (then they leave together)
     try:
         train(params, args, d, strategy)
+        together = True
+    except Interrupted:  # every rank stopped after the same step's checkpoint
+        together = True
+        raise
     finally:
-        distributed.shutdown()
+        # after an error on this rank alone the others may sit in a collective: no barrier,
+        # the launcher ends them
+        if together:
+            distributed.shutdown()
+        else:
+            distributed.abort()
 
 
 def check_batch_split(batch_size: int, processes: int) -> None:
@@ -136,11 +152,9 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
         lm = model.add_lora(lm, lora_rank, lora_alpha, lora_targets)
     out, ckpt_dir = Path(args.out), Path(args.checkpoints)
     fp = fingerprint(params, Path(args.model), Path(args.data))
-    if d.is_main:
-        checkpoint.resumable(ckpt_dir, fp)  # empties the folder when stale
-    distributed.barrier(d)
-    found = checkpoint.complete(ckpt_dir)
-    resume = checkpoint.load(found[-1]) if found else None
+    found = checkpoint.agreed(ckpt_dir, fp, d)  # the same on every node, or None
+    # rank 0 reads the weights and optimizer state and broadcasts them
+    resume = checkpoint.load(found, weights=d.is_main) if found else None
     run_config = {"train": cfg.to_dict(), "reward": params.reward.to_dict(), "world": d.world}
     trainer = GRPOTrainer(
         lm,
@@ -157,7 +171,7 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
     summary = trainer.train(Path(args.log_dir), run_config, resume=resume, fingerprint=fp)
     del resume
     state = trainer.final_state_dict()  # a collective under FSDP: every rank takes part
-    if d.is_main:
+    if d.writes_files:  # every node: `dvc repro` there expects the output
         final, final_state = trainer.plain_model(), state
         if lora_rank > 0:  # peft saves its own state: the merged model or the adapter
             final_state = None

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_trainer import LengthReward, _cfg, _trainer
 
-from grpo import checkpoint
+from grpo import checkpoint, launch
 from grpo.trainer import Interrupted, NonFiniteError
 
 
@@ -99,6 +99,40 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     assert err.value.exit_code == 128 + signal.SIGTERM
     assert [p.name for p in checkpoint.complete(trainer.checkpoint_dir)] == ["step-000002"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+@pytest.mark.parametrize("launched", [False, True], ids=["alone", "under-launcher"])
+def test_a_repeated_signal_stops_at_once_alone_and_is_ignored_under_the_launcher(
+    tmp_path, monkeypatch, launched
+):
+    """Alone, the second signal goes to the previous handler (by default: stop at once). Under
+    `grpo.launch` a worker may get one signal twice (`scancel` plus the launcher's forward):
+    the repeat is ignored and the step still ends with its checkpoint."""
+    if launched:
+        monkeypatch.setenv(launch.LAUNCHER_PID, "1")
+    else:
+        monkeypatch.delenv(launch.LAUNCHER_PID, raising=False)
+    trainer, _ = _trainer(tmp_path, _cfg(num_steps=4, save_every=0))
+    previous: list[int] = []  # stands in for the default action, which would end pytest
+
+    class TermTwiceAtStep2(LengthReward):
+        calls = 0
+
+        def score(self, completion, gold):
+            TermTwiceAtStep2.calls += 1
+            if TermTwiceAtStep2.calls in (7, 8):  # twice during step 2
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().score(completion, gold)
+
+    trainer.reward_fns = TermTwiceAtStep2()
+    signal.signal(signal.SIGTERM, lambda signum, frame: previous.append(signum))
+    try:
+        with pytest.raises(Interrupted, match=r"SIGTERM after step 2 of 4"):
+            trainer.train(tmp_path / "log", {})
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert previous == ([] if launched else [signal.SIGTERM])
+    assert [p.name for p in checkpoint.complete(trainer.checkpoint_dir)] == ["step-000002"]
 
 
 def _nan_at_step(step: int):

@@ -1,0 +1,188 @@
+"""`grpo.launch` and the train stage under it: multi-node settings from GRPO_* variables (a
+partial setting is one line), and stop signals on 2 gloo workers: a signal to the whole process
+group (a terminal's Ctrl-C) and SIGTERM to every process (Slurm's `scancel`) each end with one
+checkpoint and exit code 128 + the signal, and the rerun resumes from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_trainer import _records
+
+from grpo import checkpoint, config, launch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_one_node_by_default_on_a_free_local_port():
+    topo = launch.topology(2, {})
+    assert (topo.nnodes, topo.node_rank, topo.master_addr) == (1, 0, "127.0.0.1")
+    assert topo.master_port > 0 and topo.world == 2
+    assert topo.describe() == "2 processes on a single node"
+
+
+def test_several_nodes_from_the_environment():
+    env = {launch.NNODES: "2", launch.NODE_RANK: "1", launch.MASTER_ADDR: "10.0.0.5"}
+    topo = launch.topology(4, env)
+    assert (topo.world, topo.master_port) == (8, launch.DEFAULT_PORT)
+    assert topo.describe() == (
+        "4 processes on node 1 of 2 (ranks 4-7 of 8), rendezvous at 10.0.0.5:29500"
+    )
+    worker = launch.worker_env(topo, 2, {"OMP_NUM_THREADS": "3"})
+    assert {k: worker[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")} == {
+        "RANK": "6",
+        "LOCAL_RANK": "2",
+        "WORLD_SIZE": "8",
+        "LOCAL_WORLD_SIZE": "4",
+    }
+    assert (worker["MASTER_ADDR"], worker["MASTER_PORT"], worker["OMP_NUM_THREADS"]) == (
+        "10.0.0.5",
+        "29500",
+        "3",
+    )
+    assert worker[launch.LAUNCHER_PID] == str(os.getpid())
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {launch.NNODES: "2", launch.NODE_RANK: "0"},
+            "GRPO_MASTER_ADDR: not set while GRPO_NNODES=2",
+        ),
+        (
+            {launch.NNODES: "2", launch.MASTER_ADDR: "h"},
+            "GRPO_NODE_RANK: not set while GRPO_NNODES=2",
+        ),
+        (
+            {launch.NNODES: "2", launch.NODE_RANK: "2", launch.MASTER_ADDR: "h"},
+            "GRPO_NODE_RANK: expected a whole number from 0 to 1, got '2'",
+        ),
+        ({launch.NNODES: "two"}, "GRPO_NNODES: expected a whole number from 1 to"),
+        ({launch.NODE_RANK: "1"}, "GRPO_NODE_RANK: expected a whole number from 0 to 0"),
+    ],
+    ids=["no-address", "no-node-rank", "rank-out-of-range", "not-a-number", "rank-on-one-node"],
+)
+def test_partial_or_bad_multi_node_settings_are_one_line_errors(env, message):
+    with pytest.raises(launch.LaunchError) as err:
+        launch.topology(2, env)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value) and "; " in str(err.value)
+
+
+def _stage(tmp: Path, model_dir: Path) -> list[str]:
+    """The train stage's command on the tiny model in 2 processes, writing under `tmp`."""
+    raw = config.default_params_dict()
+    raw["train"].update(
+        num_steps=100,
+        batch_size=2,
+        num_generations=2,
+        max_completion_length=6,
+        micro_batch_size=4,
+        save_every=0,
+        nproc_per_node=2,
+    )
+    (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    return [
+        sys.executable,
+        "-m",
+        "stages.train",
+        "--params",
+        str(tmp / "params.yaml"),
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp / "out"),
+        "--checkpoints",
+        str(tmp / "checkpoints"),
+        "--log-dir",
+        str(tmp / "log"),
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for_steps(proc: subprocess.Popen, log_dir: Path, steps: int) -> None:
+    tsv = log_dir / "plots" / "metrics" / "reward" / "mean.tsv"
+    deadline = time.monotonic() + 120
+    while not (tsv.exists() and len(tsv.read_text().splitlines()) > steps):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no steps logged after 120 s"
+        time.sleep(0.05)
+
+
+def _workers(launcher: int) -> list[int]:
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def _stop_then_resume(tmp: Path, model_dir: Path, send) -> None:
+    """Run the stage, `send` its signals after 2 logged steps; check the stop, then rerun."""
+    cmd = _stage(tmp, model_dir)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as under a terminal
+    )
+    _wait_for_steps(proc, tmp / "log", 2)
+    signum = send(proc)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signum, out[-3000:]
+    name = signal.Signals(signum).name
+    assert f"error [train]: train: stopped by {name}: every worker saved a checkpoint" in out
+    (saved,) = checkpoint.complete(tmp / "checkpoints")
+    step = json.loads((saved / "state.json").read_text())["step"]
+    assert 2 <= step < 100
+    assert not (tmp / "out").exists()
+
+    rerun = subprocess.run(cmd, cwd=tmp, env=_env(), capture_output=True, text=True, timeout=300)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-3000:]
+    assert f"resuming from {saved} (step {step})" in out, out[:6000]
+    assert (tmp / "out" / "model.safetensors").is_file()
+    rows = (tmp / "log" / "plots" / "metrics" / "reward" / "mean.tsv").read_text().splitlines()
+    assert len(rows) == 1 + 100  # header + each step once
+
+
+def test_ctrl_c_to_the_process_group_saves_one_checkpoint_and_the_rerun_resumes(
+    tmp_path, tiny_model_dir
+):
+    def ctrl_c(proc):
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole foreground group
+        return signal.SIGINT
+
+    _stop_then_resume(tmp_path, tiny_model_dir, ctrl_c)
+
+
+def test_sigterm_to_every_process_saves_one_checkpoint_and_the_rerun_resumes(
+    tmp_path, tiny_model_dir
+):
+    """Each worker gets SIGTERM twice (directly and from the launcher), close together: the
+    repeat is ignored, not taken as "stop at once"."""
+
+    def scancel(proc):
+        pids = [*_workers(proc.pid), proc.pid]
+        assert len(pids) == 3
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        return signal.SIGTERM
+
+    _stop_then_resume(tmp_path, tiny_model_dir, scancel)
