@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(TORCH_CPU_INDEX))
 
-.PHONY: setup setup-gpu demo test test-slow lint format bench clean-venv
+.PHONY: setup setup-gpu demo test test-slow test-gpu lint format bench clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# on a CUDA machine: every GPU preset's step, decode, evaluation and memory at the real shapes
+# (random weights, no hub); skipped without CUDA (GRPO_GPU_TESTS_DEVICE=cpu: a tiny CPU smoke run)
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
+	@echo "rollout and step times at the seed preset's shape: $(BIN)/python bench/gpu_rollout.py"
 
 lint: setup
 	ruff check . && ruff format --check .
