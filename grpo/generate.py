@@ -3,7 +3,8 @@
     python -m grpo.generate --model models/grpo "A pen costs $2. How much do 5 pens cost?"
 
 Greedy by default (`--temperature` to sample); prints the completion and the extracted answers.
-The system prompt comes from params.yaml (`prompt.system`) unless `--system` is given.
+The system prompt comes from params.yaml (`prompt.system`) unless `--system` is given. Runs on the
+device `grpo.device` picks (a GPU when CUDA is available, in bf16 where that is native).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grpo import config, model
+from grpo import config, device, model
 from grpo.errors import UserError
 from grpo.rewards import extract_last_number, extract_tagged_answer
 from grpo.rollout import Sampling, chat_prompt, generate, generation_config, row_seeds
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         system = args.system if args.system is not None else config.load(args.params).prompt.system
         source = model.ModelSource("dir", args.model)
         tokenizer = model.load_tokenizer(source, False)
-        lm = model.load_model(source)
+        lm = model.load_model(source).to(device.pick_device())
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Named presets: overlays of params.yaml for known setups, applied in one command.
 
     python -m grpo.preset list
-    python -m grpo.preset show seed-qwen2.5-1.5b       # the effective params, validated
+    python -m grpo.preset show seed-qwen2.5-1.5b       # the effective params, validated, and
+                                                      # the estimated peak memory per GPU
     python -m grpo.preset apply seed-qwen2.5-1.5b      # write them into params.yaml
     python -m grpo.preset apply seed-qwen2.5-1.5b --run   # ... then `dvc exp run -n <name>`
 
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 from ruamel.yaml import YAML
 
+from grpo import preflight
 from grpo.config import ConfigError, Params
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
@@ -83,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"name a preset: one of {names()}")
         if args.action == "show":
             base = yaml.safe_load(args.params.read_text())
-            print(yaml.safe_dump(merge(base, load_overlay(args.name), args.name), sort_keys=False))
+            merged = merge(base, load_overlay(args.name), args.name)
+            print(yaml.safe_dump(merged, sort_keys=False), end="")
+            params = Params.from_dict(merged)
+            print("\n".join(preflight.preset_estimates(params, params.model.name)))
             return 0
         apply(args.name, args.params)
         print(f"{args.params}: preset '{args.name}' applied")

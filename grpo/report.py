@@ -11,7 +11,10 @@ curve, and the plots. Run it through the stage CLI:
         --train-log dvclive --md metrics/report.md --png metrics/report.png
 
 A missing metrics or predictions file is a `UserError` (the pipeline has not produced it yet);
-a missing training curve is not: the curve is left out and the report says so. Plain pandas and
+a missing training curve is not: the curve is left out and the report says so. A model whose
+metrics say `"skipped": true` (an unchanged copy of another model, e.g. `sft` with SFT disabled)
+is named with its reason, e.g. "sft disabled (same weights as base)", and left out of the
+comparisons. Plain pandas and
 matplotlib (Agg canvas, no pyplot state); no torch.
 """
 
@@ -73,6 +76,27 @@ def _require(path: Path, what: str) -> None:
 # --- metrics -------------------------------------------------------------------------------
 
 
+def _read_metrics_json(path: Path) -> dict[str, Any]:
+    _require(path, "metrics file")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: malformed JSON ({err.msg}, line {err.lineno}); {FIX}") from err
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object; {FIX}")
+    return obj
+
+
+def skipped_reason(path: Path) -> str | None:
+    """Why a model was not evaluated, when its metrics JSON says it was skipped (the evaluate
+    stage skips a model that is an unchanged copy of another, e.g. `models/sft` with SFT
+    disabled); None for an evaluated model."""
+    obj = _read_metrics_json(Path(path))
+    if not obj.get("skipped"):
+        return None
+    return str(obj.get("reason", "not evaluated"))
+
+
 def load_metrics(paths: Mapping[str, Path]) -> pd.DataFrame:
     """One row per model label (index `model`, in the order of `paths`), one column per key.
 
@@ -81,15 +105,7 @@ def load_metrics(paths: Mapping[str, Path]) -> pd.DataFrame:
     rows = {}
     for label, path in paths.items():
         path = Path(path)
-        _require(path, "metrics file")
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"{path}: malformed JSON ({err.msg}, line {err.lineno}); {FIX}"
-            ) from err
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}: expected a JSON object; {FIX}")
+        obj = _read_metrics_json(path)
         missing = [key for key in METRIC_KEYS if key not in obj]
         if missing:
             raise UserError(f"{path}: missing key(s) {', '.join(missing)}; {FIX}")
@@ -520,7 +536,15 @@ def write_report(
     for label in labels:
         _require(Path(metrics_paths[label]), "metrics file")
         _require(Path(predictions_paths[label]), "predictions file")
-    metrics = load_metrics(metrics_paths)
+    skipped = {label: skipped_reason(metrics_paths[label]) for label in labels}
+    skipped = {label: reason for label, reason in skipped.items() if reason is not None}
+    if baseline in skipped:
+        raise UserError(
+            f"{metrics_paths[baseline]}: the baseline {baseline!r} was not evaluated "
+            f"({skipped[baseline]}); {FIX}"
+        )
+    labels = [label for label in labels if label not in skipped]
+    metrics = load_metrics({label: metrics_paths[label] for label in labels})
     predictions = {
         label: load_predictions(predictions_paths[label], int(metrics.at[label, "n"]))
         for label in labels
@@ -531,7 +555,7 @@ def write_report(
     lines = [
         "# GRPO on GSM8K: evaluation report",
         "",
-        f"Models in pipeline order: {' → '.join(labels)}; baseline `{baseline}`. "
+        f"Models in pipeline order: {' → '.join(metrics_paths)}; baseline `{baseline}`. "
         "Strict accuracy scores the answer inside the `<answer>` tag, lenient accuracy the last "
         "number of the completion; format rate is the share of well-formed completions. "
         "Brackets hold 95% Wilson intervals; differences are in percentage points (pp).",
@@ -539,6 +563,10 @@ def write_report(
         "## Comparison",
         "",
         comparison_table(metrics, baseline),
+        *(
+            f"\n`{label}`: {reason}; not evaluated again, left out of the comparison."
+            for label, reason in skipped.items()
+        ),
         "",
         "## Questions that changed",
         "",

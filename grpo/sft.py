@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo.config import SftConfig
 from grpo.data import sft_completion
+from grpo.device import autocast
 from grpo.rollout import chat_prompt
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def train_sft(
     eos_id: int,
     progress: bool = True,
 ) -> list[float]:
-    """Fine-tune `model` in place on the first `cfg.num_examples` records; return step losses."""
+    """Fine-tune `model` in place, on the device it is on, on the first `cfg.num_examples`
+    records (bf16 autocast where bf16 is native); return step losses."""
     torch.manual_seed(cfg.seed)
     chosen = list(records[: cfg.num_examples])
     examples = [build_example(tokenizer, r, system, eos_id) for r in chosen]
@@ -90,7 +92,8 @@ def train_sft(
                 [examples[i] for i in order[begin : begin + cfg.batch_size]], tokenizer.pad_token_id
             )
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
+            with autocast(device):
+                loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()

@@ -4,15 +4,23 @@
         --metrics metrics/base.json --predictions metrics/base_predictions.jsonl
 
 Writes the metrics JSON (accuracies and format rate with Wilson 95% intervals, completion length,
-truncation rate, tokens/s) and one prediction per question for the report.
+truncation rate, tokens/s) and one prediction per question for the report. Runs on the device
+`grpo.device` picks (a GPU when CUDA is available), in the dtype of `model.dtype`.
+
+A folder the sft stage copied unchanged (`sft.enabled: false`) holds the same weights as the
+folder it copied, which has its own evaluation: it is not evaluated again. Its metrics JSON says
+so (`{"skipped": true, "reason": ...}`, no accuracies) and its predictions file is empty; the
+report shows it as "sft disabled (same weights as base)".
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
+from typing import Any
 
-from grpo import config, model
+from grpo import config, device, model, preflight
 from grpo.data import read_jsonl, write_json_atomic, write_jsonl_atomic
 from grpo.evaluate import evaluate
 from grpo.fsutil import check_writable
@@ -21,9 +29,21 @@ from stages import _cli
 log = logging.getLogger(__name__)
 
 
+def skipped_metrics(copy_of: str) -> dict[str, Any]:
+    """The metrics of a model that is an unchanged copy of `copy_of`: no accuracies, a reason."""
+    return {"skipped": True, "reason": f"sft disabled (same weights as {Path(copy_of).name})"}
+
+
 def main(args) -> None:
     params = config.load(args.params)
     check_writable(args.metrics, args.predictions)
+    copy_of = model.sft_copy_of(args.model)
+    if copy_of is not None:
+        write_jsonl_atomic(args.predictions, [])
+        write_json_atomic(args.metrics, skipped_metrics(copy_of))
+        log.info("%s: unchanged copy of %s, not evaluated again", args.model, copy_of)
+        return
+    preflight.check_evaluate(params, args.model)
     records = read_jsonl(args.data)
     source = model.ModelSource("dir", args.model)
     tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
@@ -33,6 +53,9 @@ def main(args) -> None:
         attn_implementation=params.model.attn_implementation,
         trust_remote_code=params.model.trust_remote_code,
     )
+    target = device.pick_device()
+    log.info("evaluating on %s", device.describe(target))
+    lm.to(target)
     metrics, predictions = evaluate(
         lm,
         tokenizer,

@@ -2,8 +2,10 @@
 
     python -m stages.sft --model models/base --data data/prepared/train.jsonl --out models/sft
 
-With `sft.enabled: false` the base model is copied unchanged, so `train` always starts from
-`models/sft` (the tutorial's configuration turns the warm-up off).
+With `sft.enabled: false` the base model is copied unchanged (marked by `sft.json`, so the
+`evaluate` stage does not evaluate the same weights twice), and `train` always starts from
+`models/sft` (the tutorial's configuration turns the warm-up off). Trains on the device
+`grpo.device` picks (a GPU when CUDA is available).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import shutil
 
-from grpo import config, model
+from grpo import config, device, model, preflight
 from grpo.data import read_jsonl
 from grpo.fsutil import atomic_dir, check_writable
 from grpo.sft import train_sft
@@ -29,17 +31,22 @@ def main(args) -> None:
         model.check_model_dir(args.model)
         with atomic_dir(args.out) as tmp:
             shutil.copytree(args.model, tmp, dirs_exist_ok=True)
-            (tmp / "sft.json").write_text(json.dumps({"enabled": False}) + "\n")
+            marker = {"enabled": False, "copy_of": args.model}
+            (tmp / model.SFT_FILE).write_text(json.dumps(marker) + "\n")
         log.info("sft disabled: %s copied to %s", args.model, args.out)
         return
+    preflight.check_sft(params, args.model)
     records = read_jsonl(args.data)
     tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
     lm = model.load_model(
         source,
-        dtype="float32",
+        dtype="float32",  # fp32 master weights; bf16 autocast where bf16 is native
         attn_implementation=params.model.attn_implementation,
         trust_remote_code=params.model.trust_remote_code,
     )
+    target = device.pick_device()
+    log.info("sft on %s", device.describe(target))
+    lm.to(target)
     eos_id = model.eos_token_ids(lm, tokenizer)[0]
     losses = train_sft(
         lm, tokenizer, records, params.sft, system=params.prompt.system, eos_id=eos_id
