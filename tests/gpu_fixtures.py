@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny
 import torch
 from test_trainer import LengthReward
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 from grpo import config, distributed, model, preset
 from grpo.config import Params
@@ -135,11 +135,13 @@ def build_model(
     attn: str = "sdpa",
     seed: int = 0,
 ) -> Qwen2ForCausalLM:
-    """A random-init model of `name`'s shape, created directly on `device` in `dtype`."""
+    """A random-init model of `name`'s shape, created directly on `device` in `dtype` (no
+    transient copy in another dtype or on another device to inflate the peak memory)."""
     cfg = qwen2_config(name, tiny_shape=tiny_shape, attn=attn)
     torch.manual_seed(seed)
     with torch.device(device):
-        lm = Qwen2ForCausalLM(cfg).to(dtype)
+        lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    assert {p.dtype for p in lm.parameters()} == {dtype}
     lm.generation_config = GenerationConfig(
         eos_token_id=[cfg.eos_token_id], pad_token_id=cfg.pad_token_id
     )
