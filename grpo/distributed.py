@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from grpo.device import pick_device
+
 from grpo.launch import LAUNCHER_PID
 
 
@@ -54,8 +56,8 @@ def init() -> Dist:
     """Join the process group the launcher set up (WORLD_SIZE > 1), else a single-process Dist."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = pick_device()  # cuda:LOCAL_RANK when CUDA is available
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if world == 1:

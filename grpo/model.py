@@ -1,8 +1,8 @@
 """Resolve, load and save models: hub ids, local folders, GGUF files and packaged GGUF files.
 
 Owns every `from_pretrained` call of the project, so the choices that matter are made once:
-dtype (`auto` = bf16 on a bf16-capable GPU, fp32 elsewhere), attention (`flash_attention_2` when
-CUDA and flash-attn are present, else SDPA), `trust_remote_code` only when params allow it, and
+dtype and attention implementation (as `grpo.device` decides them for this process),
+`trust_remote_code` only when params allow it, and
 GGUF models turned into plain fp32 models (quantizer marker cleared) before they are trained or
 saved. Saved models are safetensors + tokenizer + generation config, loadable by plain
 `AutoModelForCausalLM.from_pretrained`.
@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from grpo import device
 from grpo.errors import UserError
 from grpo.fsutil import atomic_dir
 from grpo.hub import hub_unreachable
@@ -101,6 +102,25 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 RERUN = "rerun the stage that writes it (dvc repro)"
 
+SFT_FILE = "sft.json"
+"""Written by the sft stage when `sft.enabled` is false, next to an unchanged copy of its input
+model: `{"enabled": false, "copy_of": "<input folder>"}`."""
+
+
+def sft_copy_of(path: str | Path) -> str | None:
+    """The folder a disabled sft stage copied unchanged into `path`, or None when `path` holds
+    other weights (so evaluating it again would only repeat that folder's evaluation)."""
+    marker = Path(path) / SFT_FILE
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{marker}: malformed JSON ({err.msg}); {RERUN}") from err
+    if not isinstance(info, dict) or info.get("enabled", True):
+        return None
+    return str(info.get("copy_of", "base"))
+
 
 def check_model_dir(path: str | Path, fix: str = RERUN) -> None:
     """Fail clearly when a folder is not a transformers model (or LoRA adapter) folder; the
@@ -117,25 +137,14 @@ def check_model_dir(path: str | Path, fix: str = RERUN) -> None:
 
 
 def pick_dtype(name: str) -> torch.dtype:
-    """`auto` = bf16 on a bf16-capable CUDA GPU, fp32 elsewhere (bf16 on CPU is ~10x slower)."""
-    if name == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return getattr(torch, name)
+    """`auto` = bf16 where this process's device computes bf16 natively, fp32 elsewhere
+    (`grpo.device.model_dtype`)."""
+    return device.model_dtype(name)
 
 
 def pick_attention(name: str) -> str:
-    """`auto` = flash_attention_2 when CUDA and flash-attn are present, else sdpa."""
-    if name != "auto":
-        if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ModelError(
-                "model.attn_implementation: flash_attention_2 needs flash-attn "
-                "(pip install .[gpu]); use auto or sdpa"
-            )
-        return name
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    """`auto` = flash_attention_2 where it can run, else sdpa (`grpo.device.attention`)."""
+    return device.attention(name)
 
 
 def _load_kwargs(source: ModelSource, trust_remote_code: bool) -> dict[str, Any]:

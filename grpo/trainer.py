@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo import checkpoint, distributed
 from grpo.config import TrainConfig
+from grpo.device import autocast
 from grpo.errors import UserError
 from grpo.loss import group_advantages, grpo_loss, zero_std_fraction
 from grpo.rewards import RewardFunctions
@@ -114,10 +115,8 @@ def lr_lambda(cfg: TrainConfig, total_updates: int):
 
 
 def autocast_context(device: torch.device):
-    """bf16 autocast on a bf16-capable GPU; nothing elsewhere (bf16 on CPU is ~10x slower)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast where bf16 is native; nothing elsewhere (`grpo.device.autocast`)."""
+    return autocast(device)
 
 
 class MetricsLogger:

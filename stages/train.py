@@ -30,7 +30,7 @@ import os
 import sys
 from pathlib import Path
 
-from grpo import checkpoint, config, distributed, model
+from grpo import checkpoint, config, distributed, model, preflight
 from grpo import launch as launcher
 from grpo.data import read_jsonl, sha256_file
 from grpo.errors import UserError
@@ -94,6 +94,7 @@ def main(args) -> None:
         topo = launcher.topology(nproc)
         check_batch_split(cfg.batch_size, topo.world)
         check_writable(args.out, args.checkpoints, args.log_dir)
+        preflight.check_train(params, args.model)  # CUDA, GPUs, memory: before any work
         if topo.world > 1:
             launch(topo)
             return

@@ -115,12 +115,14 @@ def test_cuda_torch_without_a_visible_gpu(monkeypatch):
 
 
 def test_fewer_gpus_than_processes(monkeypatch):
+    seed = params_of("seed-qwen2.5-1.5b")
+    n = seed.train.nproc_per_node
     fake_gpus(monkeypatch, A100, count=4)
-    message = one_line_error(preflight.check_train, params_of("seed-qwen2.5-1.5b"), QWEN_1_5B)
-    assert "train.nproc_per_node: 8 processes need 8 GPUs, 4 visible" in message
+    message = one_line_error(preflight.check_train, seed, QWEN_1_5B)
+    assert f"train.nproc_per_node: {n} processes need {n} GPUs, 4 visible" in message
     assert "set train.nproc_per_node to at most 4" in message
     fake_gpus(monkeypatch, A100, count=8)
-    preflight.check_train(params_of("seed-qwen2.5-1.5b"), QWEN_1_5B)
+    preflight.check_train(seed, QWEN_1_5B)
     preflight.check_train(params_of("qwen2.5-1.5b-fsdp-1node"), QWEN_1_5B)  # auto = 8
 
 
@@ -171,10 +173,11 @@ def test_preset_show_prints_the_memory_estimate(capsys, monkeypatch):
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("# estimated peak memory per GPU (t"))
     params = params_of("seed-qwen2.5-1.5b")
+    n = params.train.nproc_per_node
     expected = preflight.train_estimate(
-        KNOWN_SHAPES[QWEN_1_5B], preflight.TrainSettings.from_params(params), world=8
+        KNOWN_SHAPES[QWEN_1_5B], preflight.TrainSettings.from_params(params), world=n
     )
-    assert line == f"# estimated peak memory per GPU (train, 8 processes): {expected.describe()}"
+    assert line == f"# estimated peak memory per GPU (train, {n} processes): {expected.describe()}"
     assert "# estimated peak memory per GPU (evaluate): " in out
     assert out.startswith("data:")  # the YAML first, still parseable
     assert preset.main(["show", "qwen2.5-1.5b-fsdp-1node"]) == 0
