@@ -5,7 +5,8 @@ micro-batch, G and completion length; 2 processes when the preset spans GPUs and
 FSDP or DDP as it says) ends with a finite loss and changed trainable weights, and its peak GPU
 memory stays within the preset's estimate. Per model: the lean decode loop gives the same tokens
 as `model.generate` in fp32 (greedy and seeded sampling), and one evaluation batch runs on the
-GPU. Fixtures and the step worker: tests/gpu_fixtures.py.
+GPU within its estimate; the evaluate stage puts a saved model on the GPU. Fixtures and the step
+worker: tests/gpu_fixtures.py.
 
 Skipped without CUDA. `GRPO_GPU_TESTS_DEVICE=cpu` runs the same checks on the CPU with tiny shapes
 and short completions (no memory check): a smoke test of the code paths.
@@ -13,6 +14,7 @@ and short completions (no memory check): a smoke test of the code paths.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -24,8 +26,10 @@ from pathlib import Path
 import gpu_fixtures as fx
 import pytest
 import torch
+import yaml
 
-from grpo import device, model, preflight
+from grpo import config, device, model, preflight, preset
+from grpo.data import write_jsonl_atomic
 from grpo.evaluate import evaluate
 from grpo.rollout import (
     Sampling,
@@ -35,6 +39,7 @@ from grpo.rollout import (
     row_seeds,
     stream_uniforms,
 )
+from stages import evaluate as evaluate_stage
 
 SMOKE = fx.smoke()
 if SMOKE:
@@ -235,8 +240,8 @@ def test_lean_decode_matches_generate_fp32(name, temperature):
 def test_evaluation_batch_on_device(name):
     fx.free_memory()
     params = next(p for p in map(fx.preset_params, PRESETS) if p.model.name == name)
-    dtype = model.pick_dtype(params.model.dtype)
-    attn = model.pick_attention(params.model.attn_implementation)
+    dtype = device.model_dtype(params.model.dtype, DEVICE)  # as the evaluate stage picks them
+    attn = device.attention(params.model.attn_implementation, DEVICE)
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats(DEVICE)
         baseline = torch.cuda.memory_allocated(DEVICE)
@@ -273,4 +278,43 @@ def test_evaluation_batch_on_device(name):
         print(f"{name} eval: peak {_gib(measured)}; estimate {estimate.describe()}")
         assert measured <= estimate.total
     del lm
+    fx.free_memory()
+
+
+def test_evaluate_stage_puts_the_model_on_the_gpu(tmp_path):
+    """The evaluate stage end to end on a saved model folder of the 0.5B preset's shape: it
+    loads the model where `grpo.device` says and evaluates one batch there."""
+    name = "qwen2.5-0.5b-1gpu"
+    raw = preset.merge(config.default_params_dict(), preset.load_overlay(name), name)
+    if SMOKE:
+        raw["eval"]["max_new_tokens"] = fx.TINY_TOKENS
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    params = config.Params.from_dict(raw)
+    weights = device.model_dtype(params.model.dtype, DEVICE)
+    lm = fx.build_model(params.model.name, tiny_shape=SMOKE, device=DEVICE, dtype=weights)
+    folder = tmp_path / "model"
+    lm.save_pretrained(folder, safe_serialization=True)
+    fx.tokenizer_once().save_pretrained(folder)
+    size = sum(p.numel() * p.element_size() for p in lm.parameters())
+    del lm
+    data = tmp_path / "eval.jsonl"
+    write_jsonl_atomic(data, fx.records("test", params.eval.batch_size))
+    args = argparse.Namespace(
+        params=str(params_file),
+        model=str(folder),
+        data=str(data),
+        metrics=str(tmp_path / "metrics.json"),
+        predictions=str(tmp_path / "predictions.jsonl"),
+    )
+    fx.free_memory()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        baseline = torch.cuda.memory_allocated(DEVICE)
+    evaluate_stage.main(args)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    print(f"\nevaluate stage ({name} shape): {metrics['tokens_per_second']:.0f} tokens/s")
+    assert metrics["n"] == params.eval.batch_size
+    if DEVICE.type == "cuda":
+        assert torch.cuda.max_memory_allocated(DEVICE) - baseline >= size  # weights were there
     fx.free_memory()
