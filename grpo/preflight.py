@@ -182,7 +182,8 @@ class Estimate:
         """`21.4 GiB (weights 5.8 + optimizer 11.5 + max(rollout 0.2: KV cache 0.2, ...) + ...)`."""
 
         def parts(items: dict[str, float]) -> str:
-            return " + ".join(f"{k} {v / GiB:.1f}" for k, v in items.items() if v > 0)
+            shown = [f"{k} {v / GiB:.1f}" for k, v in items.items() if v >= GiB / 20]
+            return " + ".join(shown) or "0.0"  # parts under 0.05 GiB are left out
 
         phases = ", ".join(
             f"{name} {sum(p.values()) / GiB:.1f}: {parts(p)}" for name, p in self.phases.items()
