@@ -2,9 +2,10 @@
 
 Owns everything that differs between one process and many (launched by `grpo.launch`): which
 rank does what (global rank 0 logs to W&B; each node's local rank 0 writes that node's files),
-how the global batch of prompts is split (whole prompts, so a group of completions
-never spans ranks), how metrics are gathered, how gradients are synchronised (DDP all-reduce or
-FSDP2 `fully_shard` sharding), and how a full, plain state dict is rebuilt for saving. With one
+how the global batch of rows (prompts x completions) is split (contiguous slices, uneven
+when the count does not divide, so a group may span ranks), how metrics are gathered, how
+gradients are synchronised (DDP all-reduce or FSDP2 `fully_shard` sharding, bf16 all-gathers
+when training in bf16), and how a full, plain state dict is rebuilt for saving. With one
 process every helper is a no-op, so the trainer has a single code path.
 
 Backend: NCCL on CUDA, gloo on CPU; rendezvous from torch's env:// variables (`grpo.launch`
@@ -24,7 +25,6 @@ import torch.distributed as dist
 from torch import nn
 
 from grpo.device import pick_device
-
 from grpo.launch import LAUNCHER_PID
 
 
@@ -95,21 +95,40 @@ def resolve_nproc(value: int | str) -> int:
     return int(value)
 
 
+def split_sizes(n: int, world: int) -> list[int]:
+    """Rows of each rank when `n` rows split into `world` contiguous slices: the first
+    `n % world` ranks take one more (84 over 8: 11, 11, 11, 11, 10, 10, 10, 10).
+
+    >>> split_sizes(8, 3)
+    [3, 3, 2]
+    """
+    if n < world:
+        raise ValueError(f"{n} rows cannot give each of {world} processes one")
+    per, extra = divmod(n, world)
+    return [per + (rank < extra) for rank in range(world)]
+
+
 def shard(items: Sequence, d: Dist) -> list:
-    """This rank's contiguous share of a global list (its length must divide evenly)."""
-    if len(items) % d.world:
-        raise ValueError(f"{len(items)} items do not split evenly over {d.world} processes")
-    per = len(items) // d.world
-    return list(items[d.rank * per : (d.rank + 1) * per])
+    """This rank's contiguous share of a global list (`split_sizes`: uneven when needed)."""
+    sizes = split_sizes(len(items), d.world)
+    start = sum(sizes[: d.rank])
+    return list(items[start : start + sizes[d.rank]])
 
 
-def all_gather_rows(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Concatenate every rank's (n, ...) tensor in rank order: (world * n, ...)."""
+def all_gather_rows(t: torch.Tensor, sizes: Sequence[int], d: Dist) -> torch.Tensor:
+    """Concatenate every rank's (sizes[rank], ...) tensor in rank order: (sum(sizes), ...).
+
+    Every rank knows `sizes` (`split_sizes`), so each pads to the largest for the collective
+    and drops the padding afterwards: no exchange of sizes first.
+    """
     if not d.enabled:
         return t
-    parts = [torch.empty_like(t) for _ in range(d.world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=0)
+    longest = max(sizes)
+    padded = t.new_zeros((longest, *t.shape[1:]))  # (max n, ...)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)], dim=0)
 
 
 def all_reduce_sum(values: Sequence[float], d: Dist) -> list[float]:
@@ -121,8 +140,16 @@ def all_reduce_sum(values: Sequence[float], d: Dist) -> list[float]:
     return t.tolist()
 
 
-def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
-    """DDP-wrap or FSDP2-shard `model` for training; unchanged with one process."""
+def wrap(
+    model: nn.Module, strategy: str, d: Dist, *, param_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """DDP-wrap or FSDP2-shard `model` for training; unchanged with one process.
+
+    `param_dtype` (FSDP only): the dtype parameters are all-gathered and computed in (bf16 when
+    training under bf16 autocast on a GPU, so neither a rollout token nor a training forward
+    all-gathers fp32 weights); gradients are reduced in fp32 and the sharded master weights and
+    optimizer states stay fp32. None: all in the parameters' own dtype.
+    """
     if not d.enabled:
         return model
     if strategy == "ddp":
@@ -132,12 +159,17 @@ def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
         return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(d.device.type, (d.world,))
+        options = {}
+        if param_dtype is not None:
+            options["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=param_dtype, reduce_dtype=torch.float32
+            )
         for layer in _decoder_layers(model):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **options)
+        fully_shard(model, mesh=mesh, **options)
         return model
     raise ValueError(f"unknown strategy {strategy!r}; use ddp or fsdp")
 

@@ -156,12 +156,13 @@ def worker_env(topo: Topology, local_rank: int, environ: Mapping[str, str]) -> d
 
 
 def _die_with(parent: int):
-    """preexec_fn: the worker gets SIGKILL when its launcher dies (Linux only)."""
+    """preexec_fn: the worker gets SIGKILL when its launcher dies (Linux only). libc is looked
+    up here, in the launcher: the forked child only makes the call."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
     def setup() -> None:
-        if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the launcher died before prctl took effect
             os._exit(1)
 
@@ -182,7 +183,8 @@ class Outcome:
         if self.signum is not None:
             return 128 + self.signum
         if self.failed:
-            return self.codes[self.failed[0]] if self.codes[self.failed[0]] > 0 else 1
+            code = self.codes[self.failed[0]]
+            return code if code > 0 else 128 - code  # a negative code: killed by that signal
         return 0
 
     def error(self, stage: str) -> LaunchError | None:
@@ -232,6 +234,7 @@ def run(
     workers: dict[int, subprocess.Popen] = {}
     try:
         log.info("launching %s", topo.describe())
+        die_with_launcher = _die_with(os.getpid())
         for local in range(topo.nproc):
             if received:
                 break
@@ -239,9 +242,11 @@ def run(
                 list(cmd),
                 env=worker_env(topo, local, env),
                 start_new_session=True,  # terminal signals reach the launcher only
-                preexec_fn=_die_with(os.getpid()),
+                preexec_fn=die_with_launcher,
             )
         _supervise(workers, received, outcome, grace)
+        if received and outcome.signum is None:  # stopped before every worker started
+            outcome.signum = received[0]
     finally:
         for worker in workers.values():  # only reached with live workers on a launcher bug
             if worker.poll() is None:
@@ -285,7 +290,7 @@ def _supervise(
             if code in STOP_CODES:
                 if outcome.signum is None:  # a worker got the signal directly, the rest follow
                     outcome.signum = code - 128
-            elif code != 0 and not (outcome.signum and code == -signal.SIGTERM):
+            elif code != 0:  # also a stop signal's default action: the others cannot finish
                 outcome.failed.append(rank)
                 log.error("rank %d exited with code %d", rank, code)
                 if kill_at is None:

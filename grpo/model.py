@@ -250,13 +250,15 @@ def load_model(
 
 
 def add_lora(model: PreTrainedModel, rank: int, alpha: float, targets: list[str]):
-    """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen."""
+    """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen and keep
+    their dtype (bf16 on a GPU halves their memory), the adapters (and so their AdamW states)
+    are fp32 whatever the base's dtype."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=targets or None, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

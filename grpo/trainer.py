@@ -171,23 +171,33 @@ class MetricsLogger:
 
 @dataclass
 class Rollout:
-    """One step's rollouts with everything the update needs."""
+    """One step's rollouts: this rank's rows, with what the update and the metrics need."""
 
-    gen: Generated
-    rewards: torch.Tensor  # (N,)
-    components: dict[str, list[float]]
-    advantages: torch.Tensor  # (N,)
-    old_logp: torch.Tensor | None  # (N, T)
-    ref_logp: torch.Tensor | None  # (N, T)
+    gen: Generated  # this rank's n rows
+    table: torch.Tensor  # (N, 3 + C) every row of the global batch: reward, length, truncated, C
+    components: tuple[str, ...]  # names of the C reward components in `table`
+    advantages: torch.Tensor  # (n,) this rank's rows
+    old_logp: torch.Tensor | None  # (n, T)
+    ref_logp: torch.Tensor | None  # (n, T)
     generation_seconds: float
+
+    @property
+    def rewards(self) -> torch.Tensor:
+        return self.table[:, 0]  # (N,)
 
 
 class GRPOTrainer:
     """Runs `cfg.num_iterations` x `cfg.num_steps` GRPO steps on `policy` in place.
 
-    With several processes (torchrun), every rank draws the same global batch of prompts from
-    the seeded sampler and takes its contiguous share of whole prompts; rows are sampled with
-    per-row seeds from their global index, so the run is the same at any process count.
+    With several processes (torchrun), every rank draws the same global batch of B prompts from
+    the seeded sampler; its N = B x G rows are split over ranks in contiguous slices
+    (`distributed.split_sizes`, uneven when N does not divide), so a group may span ranks.
+    Rows are sampled with per-row seeds from their global index and rewards are gathered
+    before the group advantages, so the run is the same at any process count.
+
+    A LoRA policy (peft) has no reference copy: the reference is the policy with its adapters
+    disabled, i.e. the frozen base, which is the policy at the start of the only iteration
+    (more iterations would need the adapters of the previous one: refused).
     """
 
     def __init__(
@@ -206,10 +216,12 @@ class GRPOTrainer:
         progress: bool = True,
     ) -> None:
         self.dist = dist or distributed.Dist(device=next(policy.parameters()).device)
-        if cfg.batch_size % self.dist.world:
-            raise ValueError(
-                f"train.batch_size={cfg.batch_size} prompts do not split over "
-                f"{self.dist.world} processes"
+        self.lora = hasattr(policy, "disable_adapter")  # a peft model
+        if self.lora and cfg.num_iterations > 1:
+            raise UserError(
+                f"params.yaml: train.num_iterations: {cfg.num_iterations} with LoRA "
+                f"(model.lora_rank > 0), whose reference is the base model; set "
+                f"train.num_iterations: 1, or model.lora_rank: 0"
             )
         self.tokenizer = tokenizer
         self.records = records
@@ -231,19 +243,29 @@ class GRPOTrainer:
             pad_id=tokenizer.pad_token_id,
             stop_strings=[ANSWER_CLOSE] if cfg.stop_at_answer else [],
         )
+        # this rank's contiguous rows of the global batch, and its micro-batches
+        num_rows = cfg.batch_size * cfg.num_generations
+        self.row_sizes = distributed.split_sizes(num_rows, self.dist.world)
+        self.rows = distributed.shard(range(num_rows), self.dist)  # global row ids
+        self.micro_batches = _micro_batches(
+            len(self.rows), max(self.row_sizes), cfg.micro_batch_size
+        )
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             policy.config.use_cache = False
         policy.to(self.device)
-        # the reference starts as a frozen copy of the policy (beta == 0: none at all); under
-        # FSDP it is sharded like the policy, so no rank ever holds a full second copy
+        # the reference starts as a frozen copy of the policy (beta == 0: none at all; LoRA:
+        # the policy with its adapters disabled); under FSDP it is sharded like the policy, so
+        # no rank ever holds a full second copy
         self.ref = None
-        if cfg.beta > 0:
+        if cfg.beta > 0 and not self.lora:
             self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
-        self.engine = distributed.wrap(policy, strategy, self.dist)  # trains (DDP / FSDP)
+        # FSDP all-gathers weights in the autocast dtype (bf16 on a GPU), not fp32
+        param_dtype = getattr(autocast_context(self.device), "fast_dtype", None)
+        self.engine = distributed.wrap(policy, strategy, self.dist, param_dtype=param_dtype)
         self.sharded = distributed.is_sharded(self.engine)
         if self.ref is not None and self.sharded:
-            self.ref = distributed.wrap(self.ref, "fsdp", self.dist)
+            self.ref = distributed.wrap(self.ref, "fsdp", self.dist, param_dtype=param_dtype)
         # generation and no-grad forwards: the plain model, or the sharded one under FSDP
         self.policy = self.engine if self.sharded else distributed.unwrap(self.engine)
         # the training forward, optionally compiled (generation keeps the eager model)
@@ -252,27 +274,39 @@ class GRPOTrainer:
     # -- one step ------------------------------------------------------------------------------
 
     def _logprobs(self, model: PreTrainedModel, gen: Generated) -> torch.Tensor:
+        """No-grad log-probs of this rank's rows, one forward per micro-batch (the same count
+        on every rank: each FSDP forward is a collective)."""
+        parts = []
         with autocast_context(self.device):
-            return completion_logprobs(
-                model,
-                gen.prompt_ids,
-                gen.prompt_mask,
-                gen.completion_ids,
-                temperature=self.cfg.temperature,
-                chunk_size=self.cfg.micro_batch_size,
-                completion_mask=gen.completion_mask,
-            )  # (N, T)
+            for rows, real in self.micro_batches:
+                logp = completion_logprobs(
+                    model,
+                    gen.prompt_ids[rows],
+                    gen.prompt_mask[rows],
+                    gen.completion_ids[rows],
+                    temperature=self.cfg.temperature,
+                    chunk_size=self.cfg.micro_batch_size,
+                    completion_mask=gen.completion_mask[rows],
+                )  # (m, T)
+                if real:
+                    parts.append(logp)
+        return torch.cat(parts, dim=0)  # (n, T)
 
     def rollout(self, step: int) -> Rollout:
         cfg, d = self.cfg, self.dist
         G = cfg.num_generations
-        # 1. the same global batch of B prompts on every rank; this rank takes its share
+        # 1. the same global batch of B prompts on every rank; this rank takes rows self.rows
         global_idx = self.sampler.next(cfg.batch_size)
-        first = d.rank * (cfg.batch_size // d.world)
-        batch = [self.records[i] for i in distributed.shard(global_idx, d)]
-        prompts = [chat_prompt(self.tokenizer, r["question"], self.system) for r in batch]
-        rows = range(first * G, (first + len(batch)) * G)  # global row ids of this rank
-        # 2. G completions per prompt (KV cache, eval mode, per-row seeds)
+        copies: dict[int, int] = {}  # prompt -> its rows on this rank, in order
+        for row in self.rows:
+            copies[row // G] = copies.get(row // G, 0) + 1
+        per = math.gcd(*copies.values())  # completions per prompt copy: G for whole groups
+        records = {b: self.records[global_idx[b]] for b in copies}
+        texts = {
+            b: chat_prompt(self.tokenizer, r["question"], self.system) for b, r in records.items()
+        }
+        prompts = [texts[b] for b, count in copies.items() for _ in range(count // per)]
+        # 2. this rank's completions (KV cache, eval mode, per-row seeds of the global rows)
         start = time.perf_counter()
         with autocast_context(self.device):
             gen = generate(
@@ -281,58 +315,68 @@ class GRPOTrainer:
                 prompts,
                 self.gen_config,
                 sampling=self.sampling,
-                seeds=row_seeds(cfg.seed, step, rows),
-                num_return_sequences=G,
+                seeds=row_seeds(cfg.seed, step, self.rows),
+                num_return_sequences=per,
                 synced_gpus=self.sharded,
             )
         if cfg.stop_at_answer:
             gen = truncate_at_answer(gen, self.tokenizer)
         generation_seconds = time.perf_counter() - start
-        # 3. score every completion against its prompt's gold answer
-        golds = [r["gold"] for r in batch for _ in range(G)]
+        # 3. score this rank's completions, then gather every row's results in global order
+        golds = [records[row // G]["gold"] for row in self.rows]
         scores = [self.reward_fns.score(t, g) for t, g in zip(gen.texts, golds, strict=True)]
-        components = {name: [s[name] for s in scores] for name in self.reward_fns.names}
-        rewards = torch.tensor([sum(s.values()) for s in scores], dtype=torch.float32)  # (N,)
-        # 4. group-relative advantages (groups = consecutive G rows, never split over ranks)
+        names = tuple(self.reward_fns.names)
+        local = torch.tensor(
+            [
+                [sum(s.values()), length, float(cut), *(s[name] for name in names)]
+                for s, length, cut in zip(scores, gen.num_tokens, gen.truncated, strict=True)
+            ],
+            dtype=torch.float32,
+        )  # (n, 3 + C)
+        table = distributed.all_gather_rows(local.to(self.device), self.row_sizes, d).cpu()
+        rewards = table[:, 0]  # (N,)
+        # 4. group-relative advantages over whole groups (every rank), then this rank's rows
         if torch.isfinite(rewards).all():
             advantages = group_advantages(rewards, G, scale_rewards=cfg.scale_rewards)  # (N,)
         else:  # `update` skips or stops before using them
             advantages = torch.full_like(rewards, math.nan)  # (N,)
-        advantages = advantages.to(self.device)
+        advantages = advantages[self.rows[0] : self.rows[-1] + 1].to(self.device)  # (n,)
         # 5. old-policy log-probs only when mu > 1; reference log-probs only when beta > 0
         with torch.no_grad():
             old_logp = self._logprobs(self.policy, gen) if cfg.mu > 1 else None
-            ref_logp = self._logprobs(self.ref, gen) if self.ref is not None else None
-        return Rollout(gen, rewards, components, advantages, old_logp, ref_logp, generation_seconds)
+            ref_logp = None
+            if self.ref is not None:
+                ref_logp = self._logprobs(self.ref, gen)
+            elif self.lora and cfg.beta > 0:
+                with self.policy.disable_adapter():  # the frozen base: no copy of the model
+                    ref_logp = self._logprobs(self.policy, gen)
+        return Rollout(gen, table, names, advantages, old_logp, ref_logp, generation_seconds)
 
     def update(self, ro: Rollout, optimizer, scheduler, step: int = 0) -> dict[str, float]:
         """`mu` optimizer updates on one rollout batch, micro-batched.
 
-        A non-finite reward, loss or gradient norm (the same verdict on every rank: all three
-        are reduced over ranks) drops the update (`nonfinite: skip`, the schedule still
-        advances) or raises NonFiniteError (`nonfinite: stop`).
+        A non-finite reward, loss or gradient norm (the same verdict on every rank: rewards
+        are gathered, the loss and gradient norm reduced over ranks) drops the update
+        (`nonfinite: skip`, the schedule still advances) or raises NonFiniteError
+        (`nonfinite: stop`).
         """
         cfg, d = self.cfg, self.dist
-        n = ro.gen.completion_ids.shape[0]
-        bad_rewards = float((~torch.isfinite(ro.rewards)).sum())
-        total_tokens, bad_rewards = distributed.all_reduce_sum(
-            [float(ro.gen.completion_mask.sum()), bad_rewards], d
-        )
+        num_rows = ro.table.shape[0]  # N, the global batch
+        bad_rewards = int((~torch.isfinite(ro.rewards)).sum())
+        (total_tokens,) = distributed.all_reduce_sum([float(ro.gen.completion_mask.sum())], d)
         stats: dict[str, float] = {}
         if bad_rewards:
             self._nonfinite_update(
-                f"reward ({int(bad_rewards)} completions)", step, optimizer, scheduler, cfg.mu
+                f"reward ({bad_rewards} completions)", step, optimizer, scheduler, cfg.mu
             )
             return {"nonfinite_skipped": float(self.skipped)}
         self.engine.train()
         for update in range(cfg.mu):
             optimizer.zero_grad(set_to_none=True)
             loss_sum = kl_sum = clip_sum = 0.0
-            starts = list(range(0, n, cfg.micro_batch_size))
-            for begin in starts:
-                rows = slice(begin, begin + cfg.micro_batch_size)
+            for k, (rows, real) in enumerate(self.micro_batches):
                 mask = ro.gen.completion_mask[rows]  # (m, T)
-                sync = begin == starts[-1]
+                sync = k == len(self.micro_batches) - 1
                 with distributed.no_grad_sync(self.engine, sync):
                     with autocast_context(self.device):
                         logp = completion_logprobs(
@@ -356,16 +400,21 @@ class GRPOTrainer:
                         loss_type=cfg.loss_type,
                         max_completion_length=cfg.max_completion_length,
                     )
-                    # weights make the accumulated, rank-averaged gradient that of the loss
-                    # over the global batch: sequence mean (grpo, dr_grpo) or token mean (dapo)
-                    if cfg.loss_type == "dapo":
+                    # weights make the accumulated gradient, averaged over ranks by DDP / FSDP,
+                    # that of the loss over the global batch, whatever each rank's share of it:
+                    # sequence mean (grpo, dr_grpo) or token mean (dapo); a padding
+                    # micro-batch (only there to match the other ranks' forwards) weighs 0
+                    if not real:
+                        weight = 0.0
+                    elif cfg.loss_type == "dapo":
                         weight = out.num_tokens / max(total_tokens, 1.0) * d.world
                     else:
-                        weight = mask.shape[0] / n
+                        weight = mask.shape[0] / num_rows * d.world
                     (out.loss * weight).backward()
-                loss_sum += out.loss.item() * weight / d.world
-                kl_sum += out.kl * out.num_tokens
-                clip_sum += out.clip_ratio * out.num_tokens
+                if real:
+                    loss_sum += out.loss.item() * weight / d.world
+                    kl_sum += out.kl * out.num_tokens
+                    clip_sum += out.clip_ratio * out.num_tokens
             trainable = [p for p in self.engine.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
@@ -629,18 +678,9 @@ class GRPOTrainer:
     def _step_metrics(
         self, ro: Rollout, stats: Mapping[str, float], lr: float, seconds: float
     ) -> dict[str, float]:
-        """Step metrics over the global batch (per-row values gathered from every rank)."""
+        """Step metrics over the global batch (every row's values, gathered in `rollout`)."""
         d = self.dist
-        per_row = torch.stack(
-            [
-                ro.rewards,
-                torch.tensor(ro.gen.num_tokens, dtype=torch.float32),
-                torch.tensor(ro.gen.truncated, dtype=torch.float32),
-                *(torch.tensor(v, dtype=torch.float32) for v in ro.components.values()),
-            ],
-            dim=1,
-        ).to(self.device)  # (N, 3 + components)
-        rows = distributed.all_gather_rows(per_row, d).cpu()  # (world * N, 3 + components)
+        rows = ro.table  # (N, 3 + C)
         rewards, lengths, truncated = rows[:, 0], rows[:, 1], rows[:, 2]
         (gen_s,) = distributed.all_reduce_sum([ro.generation_seconds], d)
         gen_s /= d.world  # mean over ranks (they generate in parallel)
@@ -661,3 +701,25 @@ class GRPOTrainer:
             **stats,
         }
         return metrics
+
+
+def _micro_batches(rows: int, most_rows: int, size: int) -> list[tuple[slice, bool]]:
+    """This rank's micro-batches over its `rows` rows, as (rows, real): as many on every rank
+    (`most_rows` is the largest rank's count; each FSDP forward is a collective), each of at
+    most `size` rows and near-even in length. A rank with fewer rows than micro-batches (only
+    with `size` 1) pads with re-scored rows that weigh nothing (real = False), first so that the
+    last micro-batch, which synchronises gradients, is a real one.
+
+    >>> _micro_batches(10, 11, 4)
+    [(slice(0, 4, None), True), (slice(4, 7, None), True), (slice(7, 10, None), True)]
+    >>> _micro_batches(1, 2, 1)
+    [(slice(0, 1, None), False), (slice(0, 1, None), True)]
+    """
+    count = -(-most_rows // size)  # ceil
+    real = min(count, rows)
+    padding = [(slice(0, 1), False)] * (count - real)
+    bounds, start = [], 0
+    for n in distributed.split_sizes(rows, real):
+        bounds.append((slice(start, start + n), True))
+        start += n
+    return padding + bounds

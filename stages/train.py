@@ -92,7 +92,7 @@ def main(args) -> None:
     worker = "LOCAL_RANK" in os.environ  # started by a launcher
     if not worker:  # the launcher (or the only process) checks, once
         topo = launcher.topology(nproc)
-        check_batch_split(cfg.batch_size, topo.world)
+        check_batch_split(cfg, topo.world)
         check_writable(args.out, args.checkpoints, args.log_dir)
         preflight.check_train(params, args.model)  # CUDA, GPUs, memory: before any work
         if topo.world > 1:
@@ -115,25 +115,29 @@ def main(args) -> None:
             distributed.abort()
 
 
-def check_batch_split(batch_size: int, processes: int) -> None:
-    """train.batch_size prompts must split into whole prompts per process."""
-    if batch_size % processes:
+def check_batch_split(cfg: config.TrainConfig, processes: int) -> None:
+    """Every process needs one row of the global batch at least (rows split in any count)."""
+    rows = cfg.batch_size * cfg.num_generations
+    if rows < processes:
         raise UserError(
-            f"params.yaml: train.batch_size: {batch_size} prompts do not split evenly over "
-            f"{processes} processes; use a multiple of {processes}, or change "
-            f"train.nproc_per_node"
+            f"params.yaml: train.batch_size: {cfg.batch_size} prompts x {cfg.num_generations} "
+            f"generations = {rows} rows, fewer than {processes} processes; set train.batch_size "
+            f"to {-(-processes // cfg.num_generations)} or more, or lower train.nproc_per_node"
         )
 
 
 def train(params, args, d: distributed.Dist, strategy: str) -> None:
     cfg = params.train
-    check_batch_split(cfg.batch_size, d.world)
+    check_batch_split(cfg, d.world)
     records = read_jsonl(args.data)
     source = model.ModelSource("dir", args.model)
     tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
+    # fp32 master weights, bf16 autocast on a capable GPU; LoRA trains fp32 adapters only, so
+    # its frozen base stays in model.dtype (bf16 on a bf16-capable GPU)
+    base_dtype = params.model.dtype
     lm = model.load_model(
         source,
-        dtype="float32",  # fp32 master weights; bf16 autocast on a capable GPU
+        dtype=base_dtype if params.model.lora_rank > 0 else "float32",
         attn_implementation=params.model.attn_implementation,
         trust_remote_code=params.model.trust_remote_code,
     )

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +77,67 @@ def test_partial_or_bad_multi_node_settings_are_one_line_errors(env, message):
         launch.topology(2, env)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value) and "; " in str(err.value)
+
+
+def test_a_failed_worker_gets_the_others_killed_after_the_grace_and_is_named():
+    code = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(60)"
+    start = time.monotonic()
+    outcome = launch.run([sys.executable, "-c", code], launch.topology(2, {}), grace=0.5)
+    assert time.monotonic() - start < 20
+    assert outcome.codes == {0: -signal.SIGKILL, 1: 3} and outcome.failed == [1]
+    assert outcome.exit_code == 3
+    assert str(outcome.error("train")).startswith(
+        "train: rank 1 failed first (exit code 3); the other workers were killed; fix"
+    )
+
+
+# a worker that records the signals it gets for a second after the first one, then stops
+# like the trainer (128 + the first signal)
+SIGNAL_WORKER = (
+    "import os, signal, sys, time\n"
+    "got = []\n"
+    "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
+    "signal.signal(signal.SIGINT, lambda s, f: got.append(s))\n"
+    "open(os.path.join(sys.argv[1], os.environ['RANK'] + '.ready'), 'w').close()\n"
+    "while not got: time.sleep(0.01)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+    "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').write(repr(got))\n"
+    "sys.exit(128 + got[0])\n"
+)
+
+
+def _interrupt_launcher(tmp: Path, times: int, stop_seconds: float) -> launch.Outcome:
+    """Run 2 SIGNAL_WORKERs; once both are ready, SIGINT the launcher (only) `times` times."""
+
+    def interrupt_when_ready():
+        while len(list(tmp.glob("*.ready"))) < 2:
+            time.sleep(0.01)
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+
+    threading.Thread(target=interrupt_when_ready, daemon=True).start()
+    cmd = [sys.executable, "-c", SIGNAL_WORKER, str(tmp), str(stop_seconds)]
+    return launch.run(cmd, launch.topology(2, {}))
+
+
+def test_the_first_signal_reaches_each_worker_once_as_sigterm_and_is_waited_for(tmp_path):
+    outcome = _interrupt_launcher(tmp_path, 1, stop_seconds=1.0)
+    assert outcome.signum == signal.SIGINT and outcome.exit_code == 128 + signal.SIGINT
+    assert outcome.codes == {0: 128 + signal.SIGTERM, 1: 128 + signal.SIGTERM}
+    for rank in (0, 1):
+        assert (tmp_path / str(rank)).read_text() == f"[{int(signal.SIGTERM)}]"
+    assert "every worker saved a checkpoint and stopped" in str(outcome.error("train"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_second_signal_kills_the_workers(tmp_path):
+    start = time.monotonic()
+    outcome = _interrupt_launcher(tmp_path, 2, stop_seconds=60.0)
+    assert time.monotonic() - start < 20
+    assert outcome.codes == {0: -signal.SIGKILL, 1: -signal.SIGKILL} and outcome.killed
+    assert outcome.exit_code == 128 + signal.SIGINT
+    assert "workers ended with codes rank 0: -9, rank 1: -9" in str(outcome.error("train"))
 
 
 def _stage(tmp: Path, model_dir: Path) -> list[str]:
