@@ -108,9 +108,11 @@ class ModelConfig(_Section):
     trust_remote_code: bool
     """Allow custom modelling code from the hub. Off by default: it runs arbitrary code."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
-    """Weights dtype when running; auto = bf16 on a bf16-capable GPU, else fp32."""
+    """Weights dtype when running; auto = bf16 on a GPU with native bf16 (compute capability
+    >= 8.0), else fp32 (`grpo.device`)."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"]
-    """auto = flash_attention_2 when CUDA and flash-attn are present, else sdpa."""
+    """auto = flash_attention_2 on a GPU of compute capability >= 8.0 where flash-attn imports,
+    else sdpa (`grpo.device`)."""
     lora_rank: int
     """LoRA rank for GRPO training (peft); 0 = full fine-tuning."""
     lora_alpha: float
@@ -261,7 +263,8 @@ class TrainConfig(_Section):
     """W&B project name."""
     nproc_per_node: int | Literal["auto"]
     """Training processes on this node (torchrun is launched when > 1); auto = visible GPUs,
-    1 on CPU. The global batch (batch_size prompts) is split over all processes."""
+    1 on CPU. The global batch (batch_size x num_generations rows) is split over all processes
+    by rows, unevenly when it does not divide (rewards are gathered before the advantages)."""
     strategy: Literal["ddp", "fsdp"]
     """Data parallelism with several processes: ddp (replicated weights, all-reduced
     gradients) or fsdp (FSDP2 fully_shard: weights, gradients and optimizer states sharded)."""
@@ -295,12 +298,15 @@ class TrainConfig(_Section):
         _check(self.save_every >= 0, "train.save_every", "must be >= 0")
         nproc = self.nproc_per_node
         _check(nproc == "auto" or nproc >= 1, "train.nproc_per_node", "must be >= 1 or auto")
-        if isinstance(nproc, int):
+        rows = self.batch_size * self.num_generations
+        if isinstance(nproc, int):  # rows split over processes in any count, one row at least
             _check(
-                self.batch_size % nproc == 0,
+                rows >= nproc,
                 "train.batch_size",
-                f"{self.batch_size} prompts do not split evenly over nproc_per_node={nproc}",
-                f"use a multiple of {nproc}, or change train.nproc_per_node",
+                f"{self.batch_size} prompts x {self.num_generations} generations = {rows} rows, "
+                f"fewer than nproc_per_node={nproc} processes",
+                f"set train.batch_size to {-(-nproc // self.num_generations)} or more, or lower "
+                f"train.nproc_per_node",
             )
 
 

@@ -182,9 +182,9 @@ def test_two_nodes_without_a_shared_folder_resume_from_the_same_step(tmp_path):
             assert torch.equal(final[name], tensor), (node, name)
 
 
-def test_shard_keeps_whole_prompts_in_rank_order():
+def test_shard_keeps_rank_order_and_splits_unevenly():
     d0, d1 = distributed.Dist(0, 2), distributed.Dist(1, 2)
     assert distributed.shard([5, 6, 7, 8], d0) == [5, 6]
     assert distributed.shard([5, 6, 7, 8], d1) == [7, 8]
-    with pytest.raises(ValueError, match="do not split evenly"):
-        distributed.shard([1, 2, 3], d0)
+    assert distributed.shard([1, 2, 3], d0) == [1, 2]
+    assert distributed.shard([1, 2, 3], d1) == [3]

@@ -116,9 +116,9 @@ def _missing_mirror(ctx: Ctx) -> None:
     ctx.params["data"]["mirrors"] = [str(ctx.tmp / "no-such-folder")]
 
 
-def _auto_procs_on_two_gpus(ctx: Ctx) -> None:
-    ctx.params["train"].update(nproc_per_node="auto", batch_size=3)
-    ctx.monkeypatch.setattr(train.distributed, "resolve_nproc", lambda value: 2)
+def _auto_procs_on_eight_gpus(ctx: Ctx) -> None:
+    ctx.params["train"].update(nproc_per_node="auto", batch_size=3, num_generations=2)
+    ctx.monkeypatch.setattr(train.distributed, "resolve_nproc", lambda value: 8)
 
     def launch(nproc):
         raise AssertionError("torchrun launched before the batch split was checked")
@@ -217,12 +217,13 @@ CASES = [
          ("params.yaml: train.learning_rate: expected a number, got 'fast'", "write a number")),
     Case("one-generation", "prepare", _set("train", "num_generations", 1),
          ("params.yaml: train.num_generations: must be >= 2", "set it to 2 or more")),
-    Case("batch-not-divisible", "prepare",
-         lambda c: c.params["train"].update(nproc_per_node=2, batch_size=3),
-         ("params.yaml: train.batch_size: 3 prompts do not split evenly", "use a multiple of 2")),
-    Case("batch-not-divisible-auto", "train", _auto_procs_on_two_gpus,
-         ("params.yaml: train.batch_size: 3 prompts do not split evenly over 2 processes",
-          "use a multiple of 2")),
+    Case("fewer-rows-than-processes", "prepare",
+         lambda c: c.params["train"].update(nproc_per_node=8, batch_size=3, num_generations=2),
+         ("params.yaml: train.batch_size: 3 prompts x 2 generations = 6 rows, fewer than "
+          "nproc_per_node=8", "set train.batch_size to 4 or more")),
+    Case("fewer-rows-than-processes-auto", "train", _auto_procs_on_eight_gpus,
+         ("params.yaml: train.batch_size: 3 prompts x 2 generations = 6 rows, fewer than 8 "
+          "processes", "set train.batch_size to 4 or more")),
     Case("negative-beta", "prepare", _set("train", "beta", -0.1),
          ("params.yaml: train.beta: must be >= 0, got -0.1", "fix it in params.yaml")),
     Case("zero-completion-length", "prepare", _set("train", "max_completion_length", 0),
