@@ -151,6 +151,14 @@ def train_estimate(name: str, world: int) -> preflight.Estimate:
     return preflight.train_estimate(shape, settings, world=world, bf16=device.bf16_native(DEVICE))
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_estimates_are_for_the_shape_that_runs(name):
+    """grpo.preflight's shape of the preset's model is the one these tests build."""
+    built = preflight.shape_from_config(fx.qwen2_config(name, tiny_shape=False).to_dict())
+    assert preflight.shape_for(name) == built
+    assert built.parameters() == fx.PARAMETERS[name]
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_peak_memory_within_estimate(name, tmp_path_factory):
     if DEVICE.type != "cuda":
