@@ -46,9 +46,10 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 # on a CUDA machine: every GPU preset's step, decode, evaluation and memory at the real shapes
-# (random weights, no hub); skipped without CUDA (GRPO_GPU_TESTS_DEVICE=cpu: a tiny CPU smoke run)
+# (random weights, no hub), with each check's figures (-rP); skipped without CUDA
+# (GRPO_GPU_TESTS_DEVICE=cpu: a tiny CPU smoke run of the same code)
 test-gpu: setup
-	$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
+	$(BIN)/python -m pytest -q -rP -m gpu tests/test_gpu.py
 	@echo "rollout and step times at the seed preset's shape: $(BIN)/python bench/gpu_rollout.py"
 
 lint: setup
