@@ -91,6 +91,39 @@ def test_a_failed_worker_gets_the_others_killed_after_the_grace_and_is_named():
     )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_killed_launcher(tmp_path):
+    code = (
+        "import os, sys, time\n"
+        "open(sys.argv[1] + '/' + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    cmd = [sys.executable, "-m", "grpo.launch", "--nproc-per-node=2", "--"]
+    proc = subprocess.Popen([*cmd, sys.executable, "-c", code, str(tmp_path)], env=_env())
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / r).exists() and (tmp_path / r).read_text() for r in "01"):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    pids = [int((tmp_path / r).read_text()) for r in "01"]
+    proc.kill()  # SIGKILL: the launcher can forward nothing
+    proc.wait()
+    deadline = time.monotonic() + 10
+    try:
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, "workers outlived their launcher"
+            time.sleep(0.02)
+    finally:
+        for pid in filter(_alive, pids):
+            os.kill(pid, signal.SIGKILL)
+
+
 # a worker that records the signals it gets for a second after the first one, then stops
 # like the trainer (128 + the first signal)
 SIGNAL_WORKER = (
