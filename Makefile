@@ -46,10 +46,11 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 # on a CUDA machine: every GPU preset's step, decode, evaluation and memory at the real shapes
-# (random weights, no hub), with each check's figures (-rP); skipped without CUDA
-# (GRPO_GPU_TESTS_DEVICE=cpu: a tiny CPU smoke run of the same code)
+# (random weights, no hub), and the CUDA checks of the rollout code, with each check's figures
+# (-rP); skipped without CUDA (GRPO_GPU_TESTS_DEVICE=cpu: tests/test_gpu.py's checks on the CPU,
+# tiny shapes). Named files only: a GPU box needs none of the other tests' packages
 test-gpu: setup
-	$(BIN)/python -m pytest -q -rP -m gpu tests/test_gpu.py
+	$(BIN)/python -m pytest -q -rP -m gpu tests/test_gpu.py tests/test_rollout.py
 	@echo "rollout and step times at the seed preset's shape: $(BIN)/python bench/gpu_rollout.py"
 
 lint: setup
