@@ -82,11 +82,12 @@ class Topology:
         return self.nnodes * self.nproc
 
     def describe(self) -> str:
+        procs = f"{self.nproc} process{'es' if self.nproc != 1 else ''}"
         if self.nnodes == 1:
-            return f"{self.nproc} processes on a single node"
+            return f"{procs} on a single node"
         first = self.node_rank * self.nproc
         return (
-            f"{self.nproc} processes on node {self.node_rank} of {self.nnodes} "
+            f"{procs} on node {self.node_rank} of {self.nnodes} "
             f"(ranks {first}-{first + self.nproc - 1} of {self.world}), "
             f"rendezvous at {self.master_addr}:{self.master_port}"
         )

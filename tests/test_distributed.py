@@ -165,7 +165,7 @@ def test_two_nodes_without_a_shared_folder_resume_from_the_same_step(tmp_path):
 
     args = ("--steps", "3", "--save-every", "1", "--resume")
     outs = both_nodes(*args)
-    assert "processes on node 1 of 2" in outs[1]
+    assert "launching 1 process on node 1 of 2 (ranks 1-1 of 2)" in outs[1]
     straight = torch.load(tmp_path / "node0" / "params.pt", weights_only=True)
     for node in (0, 1):
         folder = tmp_path / f"node{node}" / "out" / "checkpoints"
