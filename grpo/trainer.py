@@ -591,7 +591,9 @@ class GRPOTrainer:
         A repeat depends on who escalates. Alone, the user does: a second signal takes the
         default action (stop at once). Under `grpo.launch` the launcher does (its own second
         signal kills the workers), and a worker may get one signal twice (Slurm's `scancel`
-        signals every process, and the launcher forwards it): repeats are ignored.
+        signals every process, and the launcher forwards it): repeats are ignored, also after
+        the stop until the worker exits (SIG_IGN: Python puts the default action back for its
+        own handlers while it shuts down).
         """
         signals = (signal.SIGTERM, signal.SIGINT)
         launched = distributed.under_launcher()
@@ -623,8 +625,9 @@ class GRPOTrainer:
         try:
             yield
         finally:
+            stopped_by_launcher = launched and self._signal is not None
             for s in signals:
-                signal.signal(s, previous[s])
+                signal.signal(s, signal.SIG_IGN if stopped_by_launcher else previous[s])
 
     def _stop_requested(self) -> bool:
         """Whether any rank got a stop signal (every rank takes the same decision)."""

@@ -151,11 +151,18 @@ def test_two_nodes_without_a_shared_folder_resume_from_the_same_step(tmp_path):
                 launch.MASTER_ADDR: "127.0.0.1",
                 launch.MASTER_PORT: port,
             }
-            cmd = [*_cmd(2), "--out", str(tmp_path / f"node{node}"), *args]
+            work = tmp_path / f"node{node}"  # each node's own working copy
+            work.mkdir(exist_ok=True)
+            cmd = [*_cmd(2), "--out", str(work), *args]
             cmd[cmd.index("--nproc-per-node=2")] = "--nproc-per-node=1"
             procs.append(
                 subprocess.Popen(
-                    cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                    cmd,
+                    cwd=work,  # not this repo: DVCLive's step marker there is one per machine
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
                 )
             )
         outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -225,9 +225,9 @@ def _workers(launcher: int) -> list[int]:
     return [int(pid) for pid in children]
 
 
-def _stop_then_resume(tmp: Path, model_dir: Path, send) -> None:
-    """Run the stage, `send` its signals after 2 logged steps; check the stop, then rerun."""
-    cmd = _stage(tmp, model_dir)
+def _stop(cmd: list[str], tmp: Path, send, resumed: int = 0) -> int:
+    """Run the stage, `send` its signals 2 steps after step `resumed` (the last run's
+    checkpoint, resumed from); check it stopped with one new checkpoint; return its step."""
     proc = subprocess.Popen(
         cmd,
         cwd=tmp,
@@ -237,41 +237,38 @@ def _stop_then_resume(tmp: Path, model_dir: Path, send) -> None:
         text=True,
         start_new_session=True,  # its own process group, as under a terminal
     )
-    _wait_for_steps(proc, tmp / "log", 2)
+    _wait_for_steps(proc, tmp / "log", resumed + 2)
     signum = send(proc)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signum, out[-3000:]
+    if resumed:
+        assert f"resuming from {tmp / 'checkpoints' / f'step-{resumed:06d}'}" in out
     name = signal.Signals(signum).name
-    assert f"error [train]: train: stopped by {name}: every worker saved a checkpoint" in out
-    (saved,) = checkpoint.complete(tmp / "checkpoints")
-    step = json.loads((saved / "state.json").read_text())["step"]
-    assert 2 <= step < 100
+    assert f"error [train]: train: stopped by {name}: every worker saved a checkpoint" in out, out[
+        -3000:
+    ]
+    saved = [json.loads((p / "state.json").read_text())["step"] for p in _complete(tmp)]
+    assert saved[:-1] == ([resumed] if resumed else []), saved  # one new checkpoint
+    assert resumed + 2 <= saved[-1] < 100
     assert not (tmp / "out").exists()
-
-    rerun = subprocess.run(cmd, cwd=tmp, env=_env(), capture_output=True, text=True, timeout=300)
-    out = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0, out[-3000:]
-    assert f"resuming from {saved} (step {step})" in out, out[:6000]
-    assert (tmp / "out" / "model.safetensors").is_file()
-    rows = (tmp / "log" / "plots" / "metrics" / "reward" / "mean.tsv").read_text().splitlines()
-    assert len(rows) == 1 + 100  # header + each step once
+    return saved[-1]
 
 
-def test_ctrl_c_to_the_process_group_saves_one_checkpoint_and_the_rerun_resumes(
+def _complete(tmp: Path) -> list[Path]:
+    return checkpoint.complete(tmp / "checkpoints")
+
+
+def test_ctrl_c_and_sigterm_to_every_process_each_save_one_checkpoint_and_reruns_resume(
     tmp_path, tiny_model_dir
 ):
+    """A terminal's Ctrl-C reaches the whole process group; Slurm's `scancel` sends SIGTERM to
+    every process, so each worker gets it twice (directly and from the launcher), close
+    together: the repeat must not be taken as "stop at once". Each stop saves one checkpoint
+    and exits with 128 + the signal; each rerun resumes from it; the last one completes."""
+
     def ctrl_c(proc):
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole foreground group
+        os.killpg(proc.pid, signal.SIGINT)
         return signal.SIGINT
-
-    _stop_then_resume(tmp_path, tiny_model_dir, ctrl_c)
-
-
-def test_sigterm_to_every_process_saves_one_checkpoint_and_the_rerun_resumes(
-    tmp_path, tiny_model_dir
-):
-    """Each worker gets SIGTERM twice (directly and from the launcher), close together: the
-    repeat is ignored, not taken as "stop at once"."""
 
     def scancel(proc):
         pids = [*_workers(proc.pid), proc.pid]
@@ -280,4 +277,15 @@ def test_sigterm_to_every_process_saves_one_checkpoint_and_the_rerun_resumes(
             os.kill(pid, signal.SIGTERM)
         return signal.SIGTERM
 
-    _stop_then_resume(tmp_path, tiny_model_dir, scancel)
+    cmd = _stage(tmp_path, tiny_model_dir)
+    first = _stop(cmd, tmp_path, ctrl_c)
+    second = _stop(cmd, tmp_path, scancel, resumed=first)
+    rerun = subprocess.run(
+        cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-3000:]
+    assert f"resuming from {_complete(tmp_path)[-1]} (step {second})" in out, out[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    rows = (tmp_path / "log/plots/metrics/reward/mean.tsv").read_text().splitlines()
+    assert len(rows) == 1 + 100  # header + each step once

@@ -125,13 +125,18 @@ def test_a_repeated_signal_stops_at_once_alone_and_is_ignored_under_the_launcher
             return super().score(completion, gold)
 
     trainer.reward_fns = TermTwiceAtStep2()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, lambda signum, frame: previous.append(signum))
     try:
         with pytest.raises(Interrupted, match=r"SIGTERM after step 2 of 4"):
             trainer.train(tmp_path / "log", {})
+        os.kill(os.getpid(), signal.SIGTERM)  # after the stop, before the process exits
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    assert previous == ([] if launched else [signal.SIGTERM])
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    # alone: the repeat and the late one reach the previous handler (the default action would
+    # have stopped at once); under the launcher both are ignored until the worker exits
+    assert previous == ([] if launched else [signal.SIGTERM, signal.SIGTERM])
     assert [p.name for p in checkpoint.complete(trainer.checkpoint_dir)] == ["step-000002"]
 
 
