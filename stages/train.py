@@ -156,7 +156,8 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
             )
         lm = model.add_lora(lm, lora_rank, lora_alpha, lora_targets)
     out, ckpt_dir = Path(args.out), Path(args.checkpoints)
-    fp = fingerprint(params, Path(args.model), Path(args.data))
+    # only the writers compare it with their checkpoints and save it: the others skip hashing
+    fp = fingerprint(params, Path(args.model), Path(args.data)) if d.writes_files else ""
     found = checkpoint.agreed(ckpt_dir, fp, d)  # the same on every node, or None
     # rank 0 reads the weights and optimizer state and broadcasts them
     resume = checkpoint.load(found, weights=d.is_main) if found else None

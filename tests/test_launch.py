@@ -208,7 +208,12 @@ def _stage(tmp: Path, model_dir: Path) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",
+    }
 
 
 def _wait_for_steps(proc: subprocess.Popen, log_dir: Path, steps: int) -> None:
@@ -238,8 +243,14 @@ def _stop(cmd: list[str], tmp: Path, send, resumed: int = 0) -> int:
         start_new_session=True,  # its own process group, as under a terminal
     )
     _wait_for_steps(proc, tmp / "log", resumed + 2)
+    workers = _workers(proc.pid)
     signum = send(proc)
-    out = proc.communicate(timeout=120)[0]
+    try:
+        out = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        for pid in workers:  # PYTHONFAULTHANDLER: each prints where it hangs
+            os.kill(pid, signal.SIGABRT)
+        pytest.fail("the stop hung:\n" + proc.communicate(timeout=60)[0][-6000:])
     assert proc.returncode == 128 + signum, out[-3000:]
     if resumed:
         assert f"resuming from {tmp / 'checkpoints' / f'step-{resumed:06d}'}" in out
