@@ -262,7 +262,7 @@ class TrainConfig(_Section):
     wandb_project: str
     """W&B project name."""
     nproc_per_node: int | Literal["auto"]
-    """Training processes on this node (torchrun is launched when > 1); auto = visible GPUs,
+    """Training processes on this node (`grpo.launch` starts them when > 1); auto = visible GPUs,
     1 on CPU. The global batch (batch_size x num_generations rows) is split over all processes
     by rows, unevenly when it does not divide (rewards are gathered before the advantages)."""
     strategy: Literal["ddp", "fsdp"]
@@ -454,6 +454,6 @@ def write_trace(stage: str) -> None:
         path = Path(folder) / f"{stage}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = set(read_keys())
-        if path.exists():  # a launcher and its torchrun workers record the same stage
+        if path.exists():  # a launcher and its workers record the same stage
             keys |= set(json.loads(path.read_text()))
         path.write_text(json.dumps(sorted(keys)))

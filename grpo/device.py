@@ -38,7 +38,7 @@ class DeviceError(UserError):
 
 
 def local_rank() -> int:
-    """This process's index on its node (torchrun's LOCAL_RANK; 0 for a single process)."""
+    """This process's index on its node (LOCAL_RANK from `grpo.launch`; 0 when alone)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 

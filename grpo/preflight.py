@@ -1,7 +1,7 @@
 """Checks a run makes before any work, and the per-GPU memory estimate of a params set.
 
 Owns the answer to "can this machine run these params?", asked by the `train` stage (before it
-relaunches itself under torchrun), `sft` and `evaluate`, so that a GPU run on the wrong machine
+relaunches itself under `grpo.launch`), `sft` and `evaluate`, so that a GPU run on the wrong machine
 fails in a second with one line naming the fix instead of hours later (or never, on a CPU).
 
 Which runs ask for a GPU (`gpu_reasons`): `train.nproc_per_node: auto` (one process per GPU),
@@ -371,7 +371,7 @@ def _bf16(devices: list[torch.device]) -> bool:
 
 
 def check_train(params, model_dir: str | Path) -> None:
-    """Everything the train stage needs from this machine (once, before torchrun)."""
+    """Everything the train stage needs from this machine (once, before the launcher)."""
     settings = TrainSettings.from_params(params)
     nproc, attn = params.train.nproc_per_node, params.model.attn_implementation
     shape = shape_for(model_dir)

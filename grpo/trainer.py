@@ -189,7 +189,7 @@ class Rollout:
 class GRPOTrainer:
     """Runs `cfg.num_iterations` x `cfg.num_steps` GRPO steps on `policy` in place.
 
-    With several processes (torchrun), every rank draws the same global batch of B prompts from
+    With several processes (`grpo.launch`), every rank draws the same global batch of B prompts from
     the seeded sampler; its N = B x G rows are split over ranks in contiguous slices
     (`distributed.split_sizes`, uneven when N does not divide), so a group may span ranks.
     Rows are sampled with per-row seeds from their global index and rewards are gathered

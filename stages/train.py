@@ -65,11 +65,12 @@ def fingerprint(params: config.Params, model_dir: Path, data: Path) -> str:
         "model": {
             k: v
             for k, v in m.to_dict().items()
-            if k.startswith("lora_") or k in ("attn_implementation", "trust_remote_code")
+            if k.startswith("lora_") or k in ("dtype", "attn_implementation", "trust_remote_code")
         },
     }
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
-    code = sorted([*(REPO / "grpo").glob("*.py"), REPO / "stages" / "train.py"])
+    kernels = [*(REPO / "grpo").glob("*.c"), *(REPO / "grpo").glob("*.h")]  # they pick tokens
+    code = sorted([*(REPO / "grpo").glob("*.py"), *kernels, REPO / "stages" / "train.py"])
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
     for path in [*files, data, *code]:
         digest.update(f"{path.name}:{sha256_file(path)}\n".encode())

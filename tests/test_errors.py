@@ -121,7 +121,7 @@ def _auto_procs_on_eight_gpus(ctx: Ctx) -> None:
     ctx.monkeypatch.setattr(train.distributed, "resolve_nproc", lambda value: 8)
 
     def launch(nproc):
-        raise AssertionError("torchrun launched before the batch split was checked")
+        raise AssertionError("workers launched before the batch split was checked")
 
     ctx.monkeypatch.setattr(train, "launch", launch)
 

@@ -190,7 +190,7 @@ def test_train_param_change_reruns_train_and_downstream_only(workspace):
         run(workspace, "dvc", "repro")
 
 
-def test_exp_run_with_two_processes_launches_torchrun_and_logs_once(workspace):
+def test_exp_run_with_two_processes_launches_workers_and_logs_once(workspace):
     original = (workspace / "params.yaml").read_text()
     try:
         out = run(workspace, "dvc", "exp", "run", "-S", "train.nproc_per_node=2")

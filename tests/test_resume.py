@@ -221,3 +221,34 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     assert json.loads((latest / "state.json").read_text())["wandb_id"] == first_id
     resumed, _ = _run(tmp_path, cfg, resume=True)
     assert first_id and resumed.logger.wandb_id == first_id
+
+
+def test_fingerprint_covers_model_dtype_and_c_kernels(tmp_path, monkeypatch):
+    """A resumed run must compute what the interrupted one did: the base dtype (LoRA loads its
+    frozen base in it) and the C kernels (rollout.c picks the sampled tokens) are part of it."""
+    import shutil
+
+    import yaml
+
+    from grpo import config
+    from stages import train as stage
+
+    repo = Path(stage.REPO)
+    fake = tmp_path / "repo"
+    shutil.copytree(repo / "grpo", fake / "grpo", ignore=shutil.ignore_patterns("__pycache__"))
+    (fake / "stages").mkdir()
+    shutil.copy(repo / "stages" / "train.py", fake / "stages" / "train.py")
+    monkeypatch.setattr(stage, "REPO", fake)
+    model_dir, data = tmp_path / "model", tmp_path / "train.jsonl"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    data.write_text("{}\n")
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    base = stage.fingerprint(config.Params.from_dict(raw), model_dir, data)
+    raw["model"]["dtype"] = "bfloat16"
+    assert stage.fingerprint(config.Params.from_dict(raw), model_dir, data) != base
+    raw["model"]["dtype"] = "auto"
+    assert stage.fingerprint(config.Params.from_dict(raw), model_dir, data) == base
+    kernel = fake / "grpo" / "rollout.c"
+    kernel.write_text(kernel.read_text() + "\n")
+    assert stage.fingerprint(config.Params.from_dict(raw), model_dir, data) != base

@@ -87,8 +87,8 @@ def _run(out: Path, nproc: int, *args: str) -> dict[str, torch.Tensor]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(WORKER)]
     if nproc > 1:
-        run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd = [*run, f"--nproc_per_node={nproc}", str(WORKER)]
+        launch = [sys.executable, "-m", "grpo.launch", f"--nproc-per-node={nproc}", "--"]
+        cmd = [*launch, sys.executable, str(WORKER)]
     proc = subprocess.run(
         [*cmd, "--out", str(out), *args], env=env, capture_output=True, text=True, timeout=600
     )
