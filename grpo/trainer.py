@@ -250,8 +250,9 @@ class GRPOTrainer:
         self.micro_batches = _micro_batches(
             len(self.rows), max(self.row_sizes), cfg.micro_batch_size
         )
-        if cfg.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
+        if cfg.gradient_checkpointing:  # transformers >= 5.23 renamed it (the old name warns)
+            enable = getattr(policy, "activation_checkpointing_enable", None)
+            (enable or policy.gradient_checkpointing_enable)()
             policy.config.use_cache = False
         policy.to(self.device)
         # the reference starts as a frozen copy of the policy (beta == 0: none at all; LoRA:
