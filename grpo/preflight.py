@@ -31,7 +31,8 @@ W processes (S = W under FSDP, else 1), bf16 autocast where native (a = 2 bytes,
   the weights 2P/S, activations of one micro-batch (m rows x T tokens: per layer and token
   a x (16 hidden + 5 intermediate) bytes; with gradient checkpointing only the fp32 layer inputs,
   4 x hidden per layer and token, plus one layer recomputed), and the completion logits
-  (m x max_completion_length x vocab x 10 bytes: bf16 output, fp32 copy, fp32 log-probs);
+  (m x max_completion_length x vocab x LOGIT_BYTES: in the backward the bf16 output, its fp32
+  copy, the fp32 log-softmax and their gradients overlap);
 - peak = weights + optimizer + reference + max(rollout, update) + OVERHEAD (CUDA context,
   cuBLAS workspace, allocator slack).
 """
@@ -54,6 +55,9 @@ PROMPT_TOKENS = 256
 """Assumed prompt length (GSM8K question + system prompt + chat template, rounded up)."""
 SFT_TOKENS = 512
 """Assumed length of an sft example (prompt + rewritten solution, rounded up)."""
+LOGIT_BYTES = 14
+"""Bytes per completion logit at the update's peak (bf16 2 + fp32 copy 4 + log-softmax 4 + its
+gradient 4)."""
 OVERHEAD = 1 * GiB
 """CUDA context, cuBLAS workspace and allocator slack per GPU."""
 CPU_PRESET = "python -m grpo.preset apply cpu-demo"
@@ -254,7 +258,7 @@ def train_estimate(
         "grads": 4 * trainable / (1 if lora else shard),
         "bf16 weights": 2 * P / shard if bf16 and not lora else 0.0,
         "activations": _activations(shape, micro * seq, act, s.gradient_checkpointing),
-        "logits": micro * s.max_completion_length * shape.vocab * 10,
+        "logits": micro * s.max_completion_length * shape.vocab * LOGIT_BYTES,
     }
     return Estimate(persistent, {"rollout": rollout, "update": update})
 
@@ -281,7 +285,7 @@ def sft_estimate(shape: ModelShape, batch_size: int, *, bf16: bool = True) -> Es
                 "grads": 4 * P,
                 "bf16 weights": 2 * P if bf16 else 0.0,
                 "activations": _activations(shape, tokens, act, False),
-                "logits": tokens * shape.vocab * 10,
+                "logits": tokens * shape.vocab * LOGIT_BYTES,
             }
         },
     )
