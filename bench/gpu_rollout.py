@@ -17,7 +17,7 @@ rows x max-new-tokens tokens, the worst case of a real run (a trained model stop
 Then one GRPO step of the preset on the same model (after a warm-up step), split into
 generation, scoring (rewards and reference log-probs; old-policy log-probs when mu > 1) and
 update (policy log-probs with grad, backward with gradient checkpointing, AdamW), with the peak
-GPU memory. One GPU runs the whole batch here (the preset spreads it over 7).
+GPU memory. One GPU runs the whole batch here (the preset spreads it over 8).
 """
 
 from __future__ import annotations
