@@ -4,21 +4,13 @@ micro-batches (as many on every rank), FSDP's mixed-precision policy, and 3 proc
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import tiny
 import torch
+from test_distributed import _metrics, _run
 from test_trainer import _cfg, _trainer
 
 from grpo import distributed, trainer
-
-WORKER = Path(__file__).parent / "dist_worker.py"
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_split_sizes_are_contiguous_and_near_even():
@@ -81,25 +73,6 @@ def test_trainer_wraps_with_the_autocast_dtype(tmp_path, monkeypatch, autocast, 
         monkeypatch.setattr(trainer, "autocast_context", autocast)
     _trainer(tmp_path, _cfg(num_steps=1), strategy="fsdp")
     assert seen == [expected]  # the policy (one process: no sharded reference)
-
-
-def _run(out: Path, nproc: int, *args: str) -> dict[str, torch.Tensor]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(WORKER)]
-    if nproc > 1:
-        launch = [sys.executable, "-m", "grpo.launch", f"--nproc-per-node={nproc}", "--"]
-        cmd = [*launch, sys.executable, str(WORKER)]
-    proc = subprocess.run(
-        [*cmd, "--out", str(out), *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out / "params.pt", weights_only=True)
-
-
-def _metrics(out: Path) -> dict:
-    metrics = json.loads((out / "log" / "metrics.json").read_text())
-    metrics.pop("time")
-    return metrics
 
 
 @pytest.mark.parametrize(
