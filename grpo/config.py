@@ -13,9 +13,11 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -56,6 +58,8 @@ class _Section:
 
 
 FIX = "fix it in params.yaml"
+INT_LIMIT = 2**63
+"""Integers (seeds included) must fit a signed 64-bit integer, as torch and numpy take them."""
 
 
 def _error(key: str, msg: str, fix: str = FIX) -> ConfigError:
@@ -124,6 +128,7 @@ class ModelConfig(_Section):
     loads it on top of its base)."""
 
     def validate(self) -> None:
+        _check(bool(self.name.strip()), "model.name", "is empty", "set it to a hub id or a folder")
         _check(self.lora_rank >= 0, "model.lora_rank", "must be >= 0 (0 = off)")
         _check(self.lora_alpha > 0, "model.lora_alpha", "must be > 0")
 
@@ -198,6 +203,7 @@ class SftConfig(_Section):
             _check(getattr(self, key) >= 1, f"sft.{key}", "must be >= 1")
         _check(self.learning_rate > 0, "sft.learning_rate", "must be > 0")
         _check(self.warmup_steps >= 0, "sft.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, "sft.weight_decay", "must be >= 0")
         _check(self.max_grad_norm > 0, "sft.max_grad_norm", "must be > 0")
 
 
@@ -356,16 +362,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         _check(ok, key, f"expected an integer, got {value!r}")
+        low = 0 if key.endswith("seed") else -INT_LIMIT  # seeds are non-negative everywhere
+        _check(low <= value < INT_LIMIT, key, f"must be in [{low}, 2**63), got {value}")
         return value
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _error(key, f"expected a number, got {value!r}", "write a number such as 3.0e-5")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):  # not a number: the error below says so
+                number = float(value)
+        if number is None:
+            raise _error(key, f"expected a number, got {value!r}", "write a number such as 3.0e-5")
+        _check(math.isfinite(number), key, f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
         _check(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value

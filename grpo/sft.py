@@ -10,6 +10,7 @@ zero reward variance and no learning signal; the tutorial's 0.5B sibling did the
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Mapping, Sequence
 
@@ -20,10 +21,25 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grpo.config import SftConfig
 from grpo.data import sft_completion
 from grpo.device import autocast
+from grpo.errors import UserError
 from grpo.rollout import chat_prompt
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+
+
+class SftNonFiniteError(UserError):
+    """The SFT loss or gradient norm is NaN or infinite: the weights would be garbage."""
+
+
+def _check_finite(loss: float, grad_norm: float, step: int) -> None:
+    """Stop before a non-finite loss or gradient reaches the weights (nothing is saved)."""
+    fault = "loss" if not math.isfinite(loss) else "" if math.isfinite(grad_norm) else "grad norm"
+    if fault:
+        raise SftNonFiniteError(
+            f"sft: non-finite {fault} at step {step}, nothing was written; set a lower "
+            f"sft.learning_rate or sft.max_grad_norm in params.yaml"
+        )
 
 
 def build_example(
@@ -84,25 +100,29 @@ def train_sft(
     losses: list[float] = []
     model.train()
     bar = tqdm(total=total, desc="sft", unit="step", disable=not progress)
-    for _ in range(cfg.epochs):
-        order = list(range(len(examples)))
-        order_rng.shuffle(order)
-        for begin in range(0, len(order), cfg.batch_size):
-            batch = collate(
-                [examples[i] for i in order[begin : begin + cfg.batch_size]], tokenizer.pad_token_id
-            )
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device):
-                loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+    try:
+        for _ in range(cfg.epochs):
+            order = list(range(len(examples)))
+            order_rng.shuffle(order)
+            for begin in range(0, len(order), cfg.batch_size):
+                batch = collate(
+                    [examples[i] for i in order[begin : begin + cfg.batch_size]],
+                    tokenizer.pad_token_id,
+                )
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(device):
+                    loss = model(**batch).loss
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                _check_finite(loss.item(), float(grad_norm), len(losses) + 1)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:  # ends the bar's line before an error is printed
+        bar.close()
     model.eval()
     log.info("sft: %d steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
     return losses

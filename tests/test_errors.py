@@ -26,11 +26,11 @@ import pytest
 import tiny
 import yaml
 
-from grpo import config
-from stages import _cli, base_model, prepare, train
+from grpo import config, data
+from stages import _cli, base_model, prepare, sft, train
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"prepare": prepare, "base_model": base_model, "train": train}
+STAGES = {"prepare": prepare, "base_model": base_model, "sft": sft, "train": train}
 FIX = re.compile(
     r"; (fix|add|remove|drop|set|use|write|check|connect|rename|make|re-create|"
     r"did you mean)\b"
@@ -55,6 +55,8 @@ def _args(stage: str, tmp: Path, model_dir: Path) -> dict[str, Path]:
             "checkpoints": tmp / "checkpoints",
             "log_dir": tmp / "log",
         }
+    if stage == "sft":
+        return {"model": model_dir, "data": tmp / "gsm8k" / "train.jsonl", "out": tmp / "out"}
     return {"out": tmp / "out"}
 
 
@@ -124,6 +126,17 @@ def _auto_procs_on_eight_gpus(ctx: Ctx) -> None:
         raise AssertionError("workers launched before the batch split was checked")
 
     ctx.monkeypatch.setattr(train, "launch", launch)
+
+
+def _sft_diverges(ctx: Ctx) -> None:
+    """A finite but absurd learning rate: the first update blows the weights up."""
+    ctx.params["sft"].update(
+        enabled=True, learning_rate=1e30, num_examples=4, batch_size=2, epochs=2, warmup_steps=0
+    )
+    rows = [json.loads(line) for line in ctx.args["data"].read_text().splitlines()]
+    records = [data.make_record("train", i, row) for i, row in enumerate(rows)]
+    ctx.args["data"] = ctx.tmp / "train.jsonl"
+    _lines(ctx.args["data"], *(json.dumps(r) for r in records))
 
 
 def _model(name: str | Callable[[Ctx], str]):
@@ -228,6 +241,22 @@ CASES = [
          ("params.yaml: train.beta: must be >= 0, got -0.1", "fix it in params.yaml")),
     Case("zero-completion-length", "prepare", _set("train", "max_completion_length", 0),
          ("params.yaml: train.max_completion_length: must be >= 1, got 0", "fix it")),
+    Case("sft-infinite-learning-rate", "prepare", _set("sft", "learning_rate", float("inf")),
+         ("params.yaml: sft.learning_rate: must be a finite number", "fix it in params.yaml")),
+    Case("sft-nan-weight-decay", "prepare", _set("sft", "weight_decay", float("nan")),
+         ("params.yaml: sft.weight_decay: must be a finite number", "fix it in params.yaml")),
+    Case("sft-negative-weight-decay", "prepare", _set("sft", "weight_decay", -1.0),
+         ("params.yaml: sft.weight_decay: must be >= 0", "fix it in params.yaml")),
+    Case("nan-string-from-exp-run", "prepare", _set("train", "beta", "nan"),
+         ("params.yaml: train.beta: must be a finite number", "fix it in params.yaml")),
+    Case("sft-seed-beyond-64-bits", "prepare", _set("sft", "seed", 2**70),
+         ("params.yaml: sft.seed: must be in [0, 2**63), got 1180591620717411303424", "fix it")),
+    Case("negative-seed", "prepare", _set("train", "seed", -1),
+         ("params.yaml: train.seed: must be in [0, 2**63), got -1", "fix it")),
+    Case("empty-model-name", "prepare", _set("model", "name", ""),
+         ("params.yaml: model.name: is empty", "set it to a hub id or a folder")),
+    Case("sft-diverges", "sft", _sft_diverges,
+         ("sft: non-finite", "nothing was written", "set a lower sft.learning_rate")),
     # model (stage base_model)
     Case("unknown-hub-id-offline", "base_model", _model("no-such-org-xyz/no-such-model"),
          ("model.name: 'no-such-org-xyz/no-such-model' is not in the local Hugging Face cache",
