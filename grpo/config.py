@@ -430,21 +430,53 @@ class Params:
         return cls(**{key: _build(sec, raw[key]) for key, sec in SECTIONS.items()})
 
 
-def load(path: str | Path) -> Params:
-    """Read and validate a params file."""
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key '{key}' (first on line {seen[key]})",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML file `path`; unreadable files, syntax errors and duplicate keys raise
+    ConfigError naming the file and line."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as err:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        why = getattr(err, "strerror", None) or str(err)
         raise ConfigError(
-            f"{path}: cannot read params file ({err.strerror}); check the --params path"
+            f"{path}: cannot read params file ({why}); check the --params path"
         ) from err
     try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = err.problem or err.context or "invalid YAML"
+        if "duplicate key" in what:
+            raise ConfigError(f"{where}: {what}; remove one of them") from err
+        raise ConfigError(f"{where}: not valid YAML ({what}); fix the YAML syntax") from err
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML ({first}); fix the YAML syntax") from err
-    return Params.from_dict(raw)
+
+
+def load(path: str | Path) -> Params:
+    """Read and validate a params file."""
+    return Params.from_dict(read_yaml(path))
 
 
 def default_params_dict() -> dict[str, Any]:

@@ -11,11 +11,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from grpo import config, device, model
 from grpo.errors import UserError
 from grpo.rewards import extract_last_number, extract_tagged_answer
 from grpo.rollout import Sampling, chat_prompt, generate, generation_config, row_seeds
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Fail at once on arguments that cannot work, before any model is loaded."""
+    if args.max_new_tokens < 1:
+        raise UserError(
+            f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}; set it to 1 or more"
+        )
+    folder = Path(args.model)
+    if not folder.exists():
+        raise UserError(
+            f"--model {folder}: no such folder; use a local model folder such as models/grpo"
+        )
+    if not folder.is_dir():
+        raise UserError(
+            f"--model {folder}: is a file, not a folder; use a model folder such as models/grpo"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        hint = (
+            "a training checkpoint has weights but no tokenizer; use models/grpo (the final model)"
+            if any(folder.glob("*.safetensors"))
+            else "use a complete model folder such as models/grpo"
+        )
+        raise UserError(
+            f"--model {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); {hint}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
+        _check_args(args)
         system = args.system if args.system is not None else config.load(args.params).prompt.system
         source = model.ModelSource("dir", args.model)
         tokenizer = model.load_tokenizer(source, False)
         lm = model.load_model(source).to(device.pick_device())
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error [generate]: {err}", file=sys.stderr)
         return 2
     cfg = generation_config(
         max_new_tokens=args.max_new_tokens,

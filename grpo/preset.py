@@ -24,7 +24,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from grpo import preflight
-from grpo.config import ConfigError, Params
+from grpo.config import ConfigError, Params, read_yaml
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
@@ -56,11 +56,12 @@ def merge(base: dict[str, Any], overlay: dict[str, Any], name: str) -> dict[str,
 
 def apply(name: str, params_path: Path) -> None:
     """Write the preset's values into params.yaml in place, keeping its comments and order."""
+    base = read_yaml(params_path)  # unreadable, broken or duplicate keys: a ConfigError
+    overlay = load_overlay(name)
+    merge(base, overlay, name)  # validate before writing
     rt = YAML()
     rt.preserve_quotes = True
     doc = rt.load(params_path.read_text())
-    overlay = load_overlay(name)
-    merge(yaml.safe_load(params_path.read_text()), overlay, name)  # validate before writing
     for section, values in overlay.items():
         for key, value in values.items():
             doc[section][key] = value
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.name:
             raise ConfigError(f"name a preset: one of {names()}")
         if args.action == "show":
-            base = yaml.safe_load(args.params.read_text())
+            base = read_yaml(args.params)
             merged = merge(base, load_overlay(args.name), args.name)
             print(yaml.safe_dump(merged, sort_keys=False), end="")
             params = Params.from_dict(merged)

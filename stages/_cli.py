@@ -1,19 +1,25 @@
 """Shared plumbing of the stage CLIs: argument parsing, logging, user errors, params trace.
 
 A `UserError` (bad params, data, model or path) becomes one line on stderr and exit code 2
-(or the error's own `exit_code`, e.g. 143 after SIGTERM);
-any other exception is a bug and keeps its traceback.
+(or the error's own `exit_code`, e.g. 143 after SIGTERM), and so does a full disk, file-size
+limit or quota while writing; Ctrl-C becomes one line and exit code 130. Any other exception is a
+bug and keeps its traceback. Outputs are written atomically, so none of these leaves half a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from grpo import config
 from grpo.errors import UserError
+
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+"""Write errors that are the disk's or the limits' fault, not a bug."""
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -31,4 +37,20 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], args: argparse.N
     except UserError as err:
         print(f"error [{stage}]: {err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 2))
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        where = err.filename or getattr(args, "out", None) or "an output"
+        print(
+            f"error [{stage}]: {where}: cannot write ({err.strerror or os.strerror(err.errno)}); "
+            f"make room on that disk (or raise the file-size limit or quota) and rerun the stage",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(
+            f"error [{stage}]: interrupted, nothing written; use dvc repro to run it again",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     config.write_trace(stage)

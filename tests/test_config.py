@@ -89,3 +89,28 @@ def test_dvc_yaml_params_exist_in_the_schema_and_cover_it(raw):
     listed = {key for keys in _dvc_stage_params().values() for key in keys}
     assert listed - known == set(), "dvc.yaml lists keys params.yaml does not have"
     assert known - listed == set(), "params.yaml has keys no stage declares (dead hyperparameters)"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "train:\n  beta: 0.1\n  beta: 0.2\n",
+            "p.yaml:3:3: duplicate key 'beta' (first on line 2)",
+        ),
+        ("a: 1\nb:\n\tc: 2\n", "p.yaml:3:1: not valid YAML (found character '\\t'"),
+        ("a: 1\nb: [1,\n", "p.yaml:3:1: not valid YAML (expected the node content"),
+        (b"a: caf\xe9\n", "p.yaml: cannot read params file ("),
+    ],
+    ids=["duplicate-key", "tab", "syntax", "not-utf8"],
+)
+def test_yaml_errors_keep_file_and_line(text, message, tmp_path):
+    path = tmp_path / "p.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=r"; (fix|remove|check)") as info:
+        config.load(path)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import pytest
 import tiny
 import yaml
 
-from grpo import config, data
+from grpo import config, data, fsutil
 from stages import _cli, base_model, prepare, sft, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -349,3 +350,80 @@ def test_float_strings_from_dvc_exp_run_are_accepted(tmp_path, tiny_model_dir, c
     assert config.load(args.params).train.learning_rate == 2e-06
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["counts"]["eval"] == 2
     assert "error" not in capsys.readouterr().err
+
+
+class _FullDisk:
+    """Stands in for `json` in stages.prepare: writing a record fails as a full disk does."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+    def dumps(self, *args, **kwargs):
+        raise OSError(self.code, os.strerror(self.code))
+
+
+@pytest.mark.parametrize(
+    ("code", "what"), [(errno.ENOSPC, "No space left on device"), (errno.EFBIG, "File too large")]
+)
+def test_disk_full_while_writing_gives_one_line(
+    code, what, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    case = Case("disk-full", "prepare", lambda c: None, ())
+    args = _setup(case, tmp_path, tiny_model_dir, monkeypatch)
+    monkeypatch.setattr(prepare, "json", _FullDisk(code))
+    before = _tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.run("prepare", prepare.main, args)
+    assert exit_info.value.code == 2
+    expect = [f"{tmp_path}/out: cannot write ({what})", "make room on that disk"]
+    _check_error_line(capsys.readouterr().err, "prepare", expect)
+    assert _tree(tmp_path) == before
+    assert not any(tmp_path.glob(".out.tmp.*"))
+
+
+def test_ctrl_c_gives_one_line_and_exit_130(tmp_path, capsys):
+    def main(args):
+        with fsutil.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "predictions.jsonl").write_text("{}\n")
+            raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.run("evaluate", main, argparse.Namespace())
+    assert exit_info.value.code == 130
+    _check_error_line(capsys.readouterr().err, "evaluate", ["interrupted, nothing written"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def _checkpoint(tmp: Path, model_dir: Path) -> Path:
+    folder = tmp / "grpo-checkpoints" / "step-000005"
+    folder.mkdir(parents=True)
+    shutil.copy(model_dir / "model.safetensors", folder)
+    shutil.copy(model_dir / "config.json", folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("argv", "expect"),
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1, got 0; set it"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens: must be >= 1, got -5; set it"),
+        (["--model", "{tmp}/nope"], "--model {tmp}/nope: no such folder; use a local model"),
+        (["--model", "{tmp}/params.yaml"], "is a file, not a folder; use a model folder"),
+        (["--model", "{ckpt}"], "a training checkpoint has weights but no tokenizer; use "
+                                "models/grpo"),
+    ],
+    ids=["zero-tokens", "negative-tokens", "missing-model", "model-is-a-file", "checkpoint"],
+)  # fmt: skip
+def test_generate_bad_arguments_fail_at_once(argv, expect, tmp_path, tiny_model_dir, capsys):
+    from grpo import generate
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(config.default_params_dict()))
+    ckpt = _checkpoint(tmp_path, tiny_model_dir)
+    argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(tiny_model_dir)]
+    start = time.perf_counter()
+    code = generate.main([*argv, "--params", str(tmp_path / "params.yaml"), "What is 2 + 2?"])
+    assert code == 2
+    _check_error_line(capsys.readouterr().err, "generate", [expect.format(tmp=tmp_path, ckpt=ckpt)])
+    assert time.perf_counter() - start < 2.0

@@ -53,3 +53,34 @@ def test_unknown_preset_and_key_are_errors(tmp_path):
         preset.load_overlay("nope")
     with pytest.raises(ConfigError, match=r"unknown key 'train\.lr'"):
         preset.merge(config.default_params_dict(), {"train": {"lr": 1}}, "x")
+
+
+BROKEN = {
+    "missing": None,
+    "syntax": "train:\n  learning_rate: [1,\n",
+    "tab": "train:\n\tlearning_rate: 1.0\n",
+    "duplicate": "train:\n  beta: 0.1\n  beta: 0.2\n",
+}
+BROKEN_MESSAGE = {
+    "missing": "params.yaml: cannot read params file (No such file or directory); check",
+    "syntax": "params.yaml:3:1: not valid YAML (expected the node content",
+    "tab": "params.yaml:2:1: not valid YAML (found character '\\t' that cannot start any token)",
+    "duplicate": "params.yaml:3:3: duplicate key 'beta' (first on line 2); remove one of them",
+}
+
+
+@pytest.mark.parametrize("action", ["show", "apply"])
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_broken_params_file_gives_one_line(kind, action, tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    if BROKEN[kind] is not None:
+        path.write_text(BROKEN[kind])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = preset.main([action, "cpu-demo", "--params", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert BROKEN_MESSAGE[kind] in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if BROKEN[kind] is not None:
+        assert path.read_text() == BROKEN[kind]
