@@ -93,8 +93,15 @@ def _check_row(row: Any, where: str, fix: str) -> dict[str, str]:
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON) for each non-blank line; DataError on unreadable files/lines."""
     try:
-        with path.open(encoding="utf-8-sig") as handle:
-            for lineno, line in enumerate(handle, start=1):
+        with path.open("rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start + 1} "
+                        f"of the line); fix that line or re-save the file as UTF-8"
+                    ) from err
                 if not line.strip():
                     continue
                 try:
@@ -106,8 +113,6 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
                     ) from err
     except FileNotFoundError as err:
         raise DataError(f"{path}: file not found; check the path") from err
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason}); re-save it as UTF-8") from err
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror}); check the path") from err
 

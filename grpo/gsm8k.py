@@ -83,7 +83,8 @@ def fetch(cfg: DataConfig) -> RawGSM8K:
             raw = _from_mirror(folder)
             raw.notes = notes + raw.notes
             return raw
-        notes.append(f"mirror {mirror} does not exist")
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        notes.append(f"mirror {mirror} {what}")
     raise DataError(
         f"params.yaml: data: no GSM8K source ({'; '.join(notes) or 'no hub_id and no mirrors'}); "
         f"connect to the hub or add a folder with train.jsonl/test.jsonl to data.mirrors"

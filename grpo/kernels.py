@@ -69,6 +69,7 @@ def _build(compiler: str, target: Path) -> None:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None (after one warning) where it cannot be built or is off."""
     if os.environ.get("GRPO_KERNELS", "1") == "0":
+        log.info("grpo.kernels: off (GRPO_KERNELS=0); decoding and sampling use torch")
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         _unavailable(f"the kernel is x86-64 AVX2 code, this is {platform.machine()}")

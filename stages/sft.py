@@ -37,6 +37,12 @@ def main(args) -> None:
         return
     preflight.check_sft(params, args.model)
     records = read_jsonl(args.data)
+    if params.sft.num_examples > len(records):  # fewer would silently change the experiment
+        raise config.ConfigError(
+            f"params.yaml: sft.num_examples: {params.sft.num_examples} exceeds the "
+            f"{len(records)} records in {args.data}; set it to at most {len(records)} or raise "
+            f"data.train_size"
+        )
     tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
     lm = model.load_model(
         source,

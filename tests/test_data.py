@@ -148,7 +148,7 @@ def test_read_gsm8k_jsonl_missing_file(tmp_path: Path) -> None:
 def test_read_gsm8k_jsonl_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
     path.write_bytes(b'{"question": "\xff", "answer": "#### 1"}\n')
-    with pytest.raises(DataError, match=r"train\.jsonl: not UTF-8"):
+    with pytest.raises(DataError, match=r"train\.jsonl:1: not UTF-8"):
         read_gsm8k_jsonl(path)
 
 

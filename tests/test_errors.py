@@ -140,6 +140,20 @@ def _sft_diverges(ctx: Ctx) -> None:
     _lines(ctx.args["data"], *(json.dumps(r) for r in records))
 
 
+def _sft_more_examples_than_records(ctx: Ctx) -> None:
+    _sft_diverges(ctx)
+    ctx.params["sft"].update(learning_rate=1e-4, num_examples=11)
+
+
+def _mirror_is_a_file(ctx: Ctx) -> None:
+    ctx.params["data"]["mirrors"] = [str(ctx.tmp / "gsm8k" / "train.jsonl")]
+
+
+def _not_utf8_line(ctx: Ctx) -> None:
+    with open(ctx.tmp / "gsm8k" / "train.jsonl", "ab") as fh:
+        fh.write(b'{"question": "caf\xe9?", "answer": "#### 1"}\n')
+
+
 def _model(name: str | Callable[[Ctx], str]):
     def edit(ctx: Ctx) -> None:
         ctx.params["model"]["name"] = name(ctx) if callable(name) else name
@@ -258,6 +272,13 @@ CASES = [
          ("params.yaml: model.name: is empty", "set it to a hub id or a folder")),
     Case("sft-diverges", "sft", _sft_diverges,
          ("sft: non-finite", "nothing was written", "set a lower sft.learning_rate")),
+    Case("sft-more-examples-than-records", "sft", _sft_more_examples_than_records,
+         ("params.yaml: sft.num_examples: 11 exceeds the 10 records in {tmp}/train.jsonl",
+          "set it to at most 10")),
+    Case("mirror-is-a-file", "prepare", _mirror_is_a_file,
+         (f"mirror {T} is a file, not a folder", "data.mirrors")),
+    Case("not-utf8-line", "prepare", _not_utf8_line,
+         (f"{T}:11: not UTF-8 text (invalid continuation byte at byte 18", "re-save the file")),
     # model (stage base_model)
     Case("unknown-hub-id-offline", "base_model", _model("no-such-org-xyz/no-such-model"),
          ("model.name: 'no-such-org-xyz/no-such-model' is not in the local Hugging Face cache",
@@ -427,3 +448,18 @@ def test_generate_bad_arguments_fail_at_once(argv, expect, tmp_path, tiny_model_
     assert code == 2
     _check_error_line(capsys.readouterr().err, "generate", [expect.format(tmp=tmp_path, ckpt=ckpt)])
     assert time.perf_counter() - start < 2.0
+
+
+def test_kernels_off_is_logged_once(monkeypatch, caplog):
+    from grpo import kernels
+
+    monkeypatch.setenv("GRPO_KERNELS", "0")
+    kernels.library.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="grpo.kernels"):
+            assert kernels.library() is None
+            assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()
+    lines = [r.getMessage() for r in caplog.records if r.name == "grpo.kernels"]
+    assert lines == ["grpo.kernels: off (GRPO_KERNELS=0); decoding and sampling use torch"]
