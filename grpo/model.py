@@ -136,6 +136,21 @@ def check_model_dir(path: str | Path, fix: str = RERUN) -> None:
         raise ModelError(f"{path}: no weights (*.safetensors) in the model folder; {fix}")
 
 
+def check_context(path: str | Path, key: str, tokens: int) -> None:
+    """ModelError when `tokens` new tokens (params key `key`) exceed the context of the model
+    folder `path` (`max_position_embeddings` in its config.json; no limit known: no check)."""
+    config_file = Path(path) / "config.json"
+    try:
+        context = json.loads(config_file.read_text()).get("max_position_embeddings")
+    except (OSError, json.JSONDecodeError, AttributeError):  # the loader reports these
+        return
+    if isinstance(context, int) and tokens >= context:
+        raise ModelError(
+            f"params.yaml: {key}: {tokens} tokens do not fit the model's context of {context} "
+            f"(max_position_embeddings in {config_file}), prompt included; set it below {context}"
+        )
+
+
 def pick_dtype(name: str) -> torch.dtype:
     """`auto` = bf16 where this process's device computes bf16 natively, fp32 elsewhere
     (`grpo.device.model_dtype`)."""

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from grpo import device
+from grpo import device, model
 from grpo.errors import UserError
 
 GiB = 2**30
@@ -376,6 +376,9 @@ def _bf16(devices: list[torch.device]) -> bool:
 
 def check_train(params, model_dir: str | Path) -> None:
     """Everything the train stage needs from this machine (once, before the launcher)."""
+    model.check_context(
+        model_dir, "train.max_completion_length", params.train.max_completion_length
+    )
     settings = TrainSettings.from_params(params)
     nproc, attn = params.train.nproc_per_node, params.model.attn_implementation
     shape = shape_for(model_dir)
@@ -392,6 +395,7 @@ def check_evaluate(params, model_dir: str | Path) -> None:
     """Everything the evaluate stage needs from this machine (it uses one device)."""
     dtype, attn = params.model.dtype, params.model.attn_implementation
     batch_size, max_new_tokens = params.eval.batch_size, params.eval.max_new_tokens
+    model.check_context(model_dir, "eval.max_new_tokens", max_new_tokens)
     shape = shape_for(model_dir)
     check_cuda(gpu_reasons(shape, model=model_dir))
     devices = [device.pick_device()] if torch.cuda.is_available() else []

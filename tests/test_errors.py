@@ -279,6 +279,9 @@ CASES = [
          (f"mirror {T} is a file, not a folder", "data.mirrors")),
     Case("not-utf8-line", "prepare", _not_utf8_line,
          (f"{T}:11: not UTF-8 text (invalid continuation byte at byte 18", "re-save the file")),
+    Case("completion-beyond-context", "train", _set("train", "max_completion_length", 100000),
+         ("params.yaml: train.max_completion_length: 100000 tokens do not fit the model's "
+          "context of 1024", "set it below 1024")),
     # model (stage base_model)
     Case("unknown-hub-id-offline", "base_model", _model("no-such-org-xyz/no-such-model"),
          ("model.name: 'no-such-org-xyz/no-such-model' is not in the local Hugging Face cache",
@@ -463,3 +466,14 @@ def test_kernels_off_is_logged_once(monkeypatch, caplog):
         kernels.library.cache_clear()
     lines = [r.getMessage() for r in caplog.records if r.name == "grpo.kernels"]
     assert lines == ["grpo.kernels: off (GRPO_KERNELS=0); decoding and sampling use torch"]
+
+
+def test_eval_tokens_beyond_context_name_the_key(tiny_model_dir):
+    from grpo import model, preflight
+
+    raw = config.default_params_dict()
+    raw["eval"]["max_new_tokens"] = 100000
+    with pytest.raises(model.ModelError) as info:
+        preflight.check_evaluate(config.Params.from_dict(raw), tiny_model_dir)
+    assert str(info.value).startswith("params.yaml: eval.max_new_tokens: 100000 tokens do not fit")
+    assert "; set it below 1024" in str(info.value)
