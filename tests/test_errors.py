@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -477,3 +478,25 @@ def test_eval_tokens_beyond_context_name_the_key(tiny_model_dir):
         preflight.check_evaluate(config.Params.from_dict(raw), tiny_model_dir)
     assert str(info.value).startswith("params.yaml: eval.max_new_tokens: 100000 tokens do not fit")
     assert "; set it below 1024" in str(info.value)
+
+
+def test_real_ctrl_c_gives_one_line_and_exit_130(tmp_path):
+    """A real SIGINT in a stage process (as Ctrl-C during `evaluate` sends): one line, 130."""
+    code = (
+        "import sys, time\n"
+        "from stages import _cli\n"
+        "def main(args):\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "_cli.run('evaluate', main, None)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    _check_error_line(err, "evaluate", ["interrupted, nothing written"])
