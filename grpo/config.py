@@ -438,6 +438,8 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, typing.Hashable):  # PyYAML's own check reports it
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
