@@ -177,11 +177,13 @@ def agreed(folder: Path, fingerprint: str, d: distributed.Dist) -> Path | None:
     """The checkpoint every node resumes from: the newest step that every node's writer has
     complete with this same fingerprint, or None (a fresh start). A collective.
 
-    Each writer first cleans its folder (`resumable`), and afterwards drops what it will not
-    resume from: newer checkpoints, or all of them on a fresh start.
+    Each writer first creates and cleans its folder (`resumable`), and afterwards drops what it
+    will not resume from: newer checkpoints, or all of them on a fresh start. The folder exists
+    afterwards even if the run saves nothing (`dvc` fails on a missing output).
     """
     view = None
     if d.writes_files:
+        folder.mkdir(parents=True, exist_ok=True)
         latest = resumable(folder, fingerprint)
         view = (fingerprint, [_step(p) for p in complete(folder)] if latest else [])
     nodes = [v for v in distributed.all_gather_objects(view, d) if v is not None]

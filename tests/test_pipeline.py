@@ -250,3 +250,34 @@ def test_sigkill_mid_training_then_repro_resumes_to_the_same_weights(workspace):
         assert {p.name: p.read_text() for p in metrics_dir.glob("reward/*.tsv")} == straight_log
     finally:
         (workspace / "params.yaml").write_text(original)
+
+
+@pytest.mark.parametrize("overrides", [["train.num_steps=1"], ["train.save_every=0"]])
+def test_run_that_saves_no_checkpoint_still_leaves_the_checkpoint_folder(workspace, overrides):
+    """DVC fails a stage whose output is missing: a run too short to save a checkpoint (or with
+    saving off), started without the folder, must still leave it."""
+    original = (workspace / "params.yaml").read_text()
+    try:
+        shutil.rmtree(workspace / "models/grpo-checkpoints", ignore_errors=True)
+        args = [a for o in overrides for a in ("-S", o)]
+        run(workspace, "dvc", "exp", "run", *args)
+        assert (workspace / "models/grpo-checkpoints").is_dir()
+    finally:
+        (workspace / "params.yaml").write_text(original)
+
+
+def test_queued_experiments_both_succeed(workspace):
+    """`dvc exp run --queue` runs each experiment in a fresh copy of the repo, where the
+    persist output `models/grpo-checkpoints` starts out missing."""
+    run(workspace, "dvc", "exp", "run", "--queue", "-S", "train.learning_rate=2e-06")
+    run(workspace, "dvc", "exp", "run", "--queue", "-S", "train.num_steps=1")
+    run(workspace, "dvc", "queue", "start")
+    deadline = time.monotonic() + 600
+    while True:
+        status = run(workspace, "dvc", "queue", "status")
+        if not any(s in status for s in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    lines = [line for line in status.splitlines() if "Success" in line or "Failed" in line]
+    assert len(lines) == 2 and all("Success" in line for line in lines), status
