@@ -138,9 +138,15 @@ def test_sft_and_train_questions_never_overlap_eval(workspace):
     assert questions("train").isdisjoint(questions("eval"))
 
 
+def ran_stages(out: str) -> set[str]:
+    """The stages a `dvc repro` log ran, less `prepare` (always_changed: it reruns every time)."""
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    return ran - {"prepare"}
+
+
 def test_second_repro_is_a_noop(workspace):
     out = run(workspace, "dvc", "repro")
-    assert "Running stage" not in out
+    assert ran_stages(out) == set()
 
 
 def test_stage_params_match_what_the_code_reads(workspace):
@@ -171,7 +177,7 @@ def test_param_change_invalidates_only_the_stages_that_read_it(workspace, edit, 
     try:
         edit_params(workspace, **edit)
         status = json.loads(run(workspace, "dvc", "status", "--json"))
-        assert set(status) == stale
+        assert set(status) == stale | {"prepare"}  # prepare is always_changed
     finally:
         (workspace / "params.yaml").write_text(original)
 
@@ -181,8 +187,7 @@ def test_train_param_change_reruns_train_and_downstream_only(workspace):
     try:
         edit_params(workspace, train={"learning_rate": 5e-5})
         out = run(workspace, "dvc", "repro")
-        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-        assert ran == {"train", "evaluate@grpo", "report"}
+        assert ran_stages(out) == {"train", "evaluate@grpo", "report"}
         # the checkpoints of the previous run are stale now: a fresh run, not a resume
         assert "starting a fresh run" in out and "resuming from" not in out
     finally:
@@ -195,8 +200,7 @@ def test_exp_run_with_two_processes_launches_workers_and_logs_once(workspace):
     try:
         out = run(workspace, "dvc", "exp", "run", "-S", "train.nproc_per_node=2")
         assert "launching 2 processes" in out
-        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-        assert ran == {"train", "evaluate@grpo", "report"}
+        assert ran_stages(out) == {"train", "evaluate@grpo", "report"}
         steps = (workspace / "dvclive/plots/metrics/reward/mean.tsv").read_text().splitlines()
         assert len(steps) == 1 + 2  # header + one row per step, written by rank 0 only
         assert (workspace / "models/grpo/model.safetensors").is_file()
@@ -281,3 +285,24 @@ def test_queued_experiments_both_succeed(workspace):
         time.sleep(2)
     lines = [line for line in status.splitlines() if "Success" in line or "Failed" in line]
     assert len(lines) == 2 and all("Success" in line for line in lines), status
+
+
+def test_edited_mirror_reruns_prepare_and_what_reads_its_records(workspace):
+    """The GSM8K mirror is outside what DVC tracks: an edited gold answer must still reach
+    data/prepared and the evaluations, while an unchanged mirror reruns nothing downstream."""
+    test = workspace / "fixtures/gsm8k/test.jsonl"
+    original = test.read_text()
+    try:
+        assert ran_stages(run(workspace, "dvc", "repro")) == set()
+        rows = [json.loads(line) for line in original.splitlines()]
+        for row in rows:
+            row["answer"] = row["answer"].rsplit("####", 1)[0] + "#### 123456789"
+        test.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        assert "prepare" in json.loads(run(workspace, "dvc", "status", "--json"))
+        out = run(workspace, "dvc", "repro")
+        assert "evaluate@base" in ran_stages(out)
+        golds = (workspace / "data/prepared/eval.jsonl").read_text()
+        assert "123456789" in golds
+    finally:
+        test.write_text(original)
+        run(workspace, "dvc", "repro")
