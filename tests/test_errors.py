@@ -494,6 +494,8 @@ def test_real_ctrl_c_gives_one_line_and_exit_130(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, cwd=tmp_path,
+        # a terminal's child: a background job (nohup, `cmd &` in a script) inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGINT)
