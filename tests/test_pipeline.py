@@ -306,3 +306,36 @@ def test_edited_mirror_reruns_prepare_and_what_reads_its_records(workspace):
     finally:
         test.write_text(original)
         run(workspace, "dvc", "repro")
+
+
+def test_failed_params_run_keeps_the_results_or_one_command_restores_them(workspace):
+    """A params error fails `prepare` (always_changed, it validates every section) before DVC
+    deletes any later stage's outputs; a failure inside `train` itself loses its outputs, and
+    `git checkout -- params.yaml dvclive && dvc checkout` (README) brings back the last committed
+    results: DVCLive's files from git, the model from the DVC cache."""
+    run(workspace, "git", "add", "-A")
+    run(workspace, "git", "commit", "-qm", "results")
+    kept = {
+        p: (workspace / p).read_bytes()
+        for p in ("dvclive/metrics.json", "models/grpo/model.safetensors")
+    }
+    edit_params(workspace, train={"learning_rate": [1, 2]})
+    proc = subprocess.run(
+        ["dvc", "exp", "run", "-S", "train.num_steps=abc"],
+        cwd=workspace,
+        env=_env(workspace),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "error [prepare]" in proc.stdout + proc.stderr
+    for path, data in kept.items():
+        assert (workspace / path).read_bytes() == data, path
+    # what a failure inside train leaves: DVC removed its outputs before running it
+    shutil.rmtree(workspace / "models/grpo")
+    shutil.rmtree(workspace / "dvclive")
+    run(workspace, "git", "checkout", "--", "params.yaml", "dvclive")
+    run(workspace, "dvc", "checkout")
+    for path, data in kept.items():
+        assert (workspace / path).read_bytes() == data, path
+    assert (workspace / "dvclive/plots/metrics/reward/mean.tsv").is_file()
+    assert set(json.loads(run(workspace, "dvc", "status", "--json"))) == {"prepare"}
