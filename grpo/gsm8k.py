@@ -65,6 +65,22 @@ def _from_mirror(folder: Path) -> RawGSM8K:
     )
 
 
+def resolve_mirror(mirror: str, cwd: Path | None = None) -> Path:
+    """A mirror folder; a relative one is relative to the project folder.
+
+    A queued DVC experiment runs in a copy of the project at `<project>/.dvc/tmp/exps/<run>`,
+    where `../shared/...` would point inside `.dvc`: there the path is taken from the project.
+    """
+    path = Path(mirror).expanduser()
+    if path.is_absolute():
+        return path
+    here = (cwd or Path.cwd()).resolve()
+    for parent in here.parents:
+        if parent.name == "exps" and parent.parent.parts[-2:] == (".dvc", "tmp"):
+            return (parent.parent.parent.parent / path).resolve()
+    return (here / path).resolve()
+
+
 def fetch(cfg: DataConfig) -> RawGSM8K:
     """The hub when reachable, else the first mirror folder that exists."""
     notes: list[str] = []
@@ -78,7 +94,7 @@ def fetch(cfg: DataConfig) -> RawGSM8K:
                 why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         notes.append(f"hub not used: {why}")
     for mirror in mirrors:
-        folder = Path(mirror).expanduser()
+        folder = resolve_mirror(mirror)
         if folder.is_dir():
             raw = _from_mirror(folder)
             raw.notes = notes + raw.notes

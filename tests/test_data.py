@@ -334,3 +334,16 @@ def test_doctests() -> None:
     result = doctest.testmod(grpo.data)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_relative_mirror_is_taken_from_the_project_in_a_queued_experiment(tmp_path):
+    """`dvc exp run --queue` runs stages in <project>/.dvc/tmp/exps/<run>: a relative mirror
+    such as ../shared/data/gsm8k still means the one beside the project."""
+    from grpo.gsm8k import resolve_mirror
+
+    project = tmp_path / "project"
+    run_dir = project / ".dvc" / "tmp" / "exps" / "tmpab12"
+    run_dir.mkdir(parents=True)
+    assert resolve_mirror("../shared/gsm8k", run_dir) == tmp_path / "shared" / "gsm8k"
+    assert resolve_mirror("../shared/gsm8k", project) == tmp_path / "shared" / "gsm8k"
+    assert resolve_mirror("/abs/gsm8k", run_dir) == Path("/abs/gsm8k")

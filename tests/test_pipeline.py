@@ -63,6 +63,11 @@ def edit_params(work: Path, **sections) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def mirror_of(work: Path) -> Path:
+    """The workspace's GSM8K mirror folder, beside it."""
+    return work.parent / f"{work.name}-gsm8k"
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("repo")
@@ -73,11 +78,17 @@ def workspace(tmp_path_factory) -> Path:
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
-    tiny.write_gsm8k(work / "fixtures" / "gsm8k")
+    # outside the repo, as ../shared/data/gsm8k is: queued experiments run in a copy elsewhere
+    tiny.write_gsm8k(mirror_of(work))
     tiny.write_tiny_model(work / "fixtures" / "tiny-model")
     edit_params(
         work,
-        data={"hub_id": "", "mirrors": ["fixtures/gsm8k"], "train_size": 8, "eval_size": 4},
+        data={
+            "hub_id": "",
+            "mirrors": [f"../{mirror_of(work).name}"],
+            "train_size": 8,
+            "eval_size": 4,
+        },
         model={"name": "fixtures/tiny-model"},
         eval={"batch_size": 2, "max_new_tokens": 8},
         sft={"num_examples": 4, "batch_size": 2},
@@ -290,7 +301,7 @@ def test_queued_experiments_both_succeed(workspace):
 def test_edited_mirror_reruns_prepare_and_what_reads_its_records(workspace):
     """The GSM8K mirror is outside what DVC tracks: an edited gold answer must still reach
     data/prepared and the evaluations, while an unchanged mirror reruns nothing downstream."""
-    test = workspace / "fixtures/gsm8k/test.jsonl"
+    test = mirror_of(workspace) / "test.jsonl"
     original = test.read_text()
     try:
         assert ran_stages(run(workspace, "dvc", "repro")) == set()
