@@ -264,6 +264,16 @@ def load_model(
     return model
 
 
+def check_finite(model: PreTrainedModel, where: str | Path) -> None:
+    """Fail clearly when a loaded model holds NaN / inf weights (a diverged earlier stage)."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ModelError(
+                f"{where}: weight {name} is not finite; set a lower learning rate for the stage "
+                f"that wrote it (sft.learning_rate for models/sft) and rerun it"
+            )
+
+
 def add_lora(model: PreTrainedModel, rank: int, alpha: float, targets: list[str]):
     """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen and keep
     their dtype (bf16 on a GPU halves their memory), the adapters (and so their AdamW states)

@@ -452,9 +452,14 @@ class GRPOTrainer:
         """Drop the step's remaining `updates` (the schedule still advances), or stop."""
         optimizer.zero_grad(set_to_none=True)
         if self.nonfinite == "stop":
+            saved = checkpoint.complete(self.checkpoint_dir)
+            kept = (
+                f"the last checkpoint ({saved[-1].name}) is intact"
+                if saved
+                else "no checkpoint was written yet"
+            )
             raise NonFiniteError(
-                f"train: non-finite {fault} at step {step}; the last checkpoint in "
-                f"{self.checkpoint_dir} is intact. Lower train.learning_rate or "
+                f"train: non-finite {fault} at step {step}; {kept}. Lower train.learning_rate or "
                 f"train.max_grad_norm, or set train.nonfinite: skip to drop such updates"
             )
         self.skipped += 1

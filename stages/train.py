@@ -142,6 +142,7 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
         attn_implementation=params.model.attn_implementation,
         trust_remote_code=params.model.trust_remote_code,
     )
+    model.check_finite(lm, args.model)
     m = params.model
     lora_rank, lora_alpha, lora_targets, lora_save = (
         m.lora_rank,

@@ -130,6 +130,19 @@ def _auto_procs_on_eight_gpus(ctx: Ctx) -> None:
     ctx.monkeypatch.setattr(train, "launch", launch)
 
 
+def _nan_starting_model(ctx: Ctx) -> None:
+    """models/sft as a diverged warm-up would have left it: one weight NaN."""
+    from safetensors.torch import load_file, save_file
+
+    folder = ctx.tmp / "nan-model"
+    shutil.copytree(ctx.model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name][0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    ctx.args["model"] = folder
+
+
 def _sft_diverges(ctx: Ctx) -> None:
     """A finite but absurd learning rate: the first update blows the weights up."""
     ctx.params["sft"].update(
@@ -273,6 +286,8 @@ CASES = [
          ("params.yaml: model.name: is empty", "set it to a hub id or a folder")),
     Case("sft-diverges", "sft", _sft_diverges,
          ("sft: non-finite", "nothing was written", "set a lower sft.learning_rate")),
+    Case("train-from-a-nan-model", "train", _nan_starting_model,
+         ("{tmp}/nan-model: weight", "is not finite", "sft.learning_rate")),
     Case("sft-more-examples-than-records", "sft", _sft_more_examples_than_records,
          ("params.yaml: sft.num_examples: 11 exceeds the 10 records in {tmp}/train.jsonl",
           "set it to at most 10")),
