@@ -279,6 +279,7 @@ def test_run_that_saves_no_checkpoint_still_leaves_the_checkpoint_folder(workspa
         assert (workspace / "models/grpo-checkpoints").is_dir()
     finally:
         (workspace / "params.yaml").write_text(original)
+        run(workspace, "dvc", "repro")  # the workspace's outputs back to the fixture's params
 
 
 def test_queued_experiments_both_succeed(workspace):
