@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -210,11 +210,12 @@ def build_messages(question: str, system: str) -> list[dict[str, str]]:
     return [*messages, {"role": "user", "content": question}]
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, strings: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file, one per non-blank line; DataError naming file:line.
 
     String `id`s, where objects have them, must be unique (records and predictions are keyed
-    by id).
+    by id); every object must hold the keys `strings` with string values (prepared records:
+    a stage reads them long after it starts).
     """
     path = Path(path)
     rows, first_line = [], {}
@@ -222,6 +223,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(obj, dict):
             kind = type(obj).__name__
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {kind}; {_FIX_LINE}")
+        for name in strings:
+            if not isinstance(obj.get(name), str):
+                raise DataError(
+                    f"{path}:{lineno}: missing '{name}' or not a string; re-create the file "
+                    f"(dvc repro prepare) or {_FIX_LINE}"
+                )
         key = obj.get("id")
         if isinstance(key, str):
             if key in first_line:

@@ -11,7 +11,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,25 +27,33 @@ def _unwritable(path: Path, err: OSError) -> UserError:
 
 def check_writable(*paths: str | Path) -> None:
     """Fail at once, with a UserError naming the path, when an output file or folder cannot be
-    created: its parent folders are created and a scratch file is written and removed there.
+    created: its parent folders are created and a scratch file is written there, then both are
+    removed again, so a stage that fails later leaves no empty folder (the writers create them).
 
     >>> import tempfile, pathlib
     >>> root = pathlib.Path(tempfile.mkdtemp())
     >>> (root / "file").write_text("x")
     1
-    >>> check_writable(root / "a" / "out.json")
+    >>> check_writable(root / "a" / "b" / "out.json")
+    >>> sorted(p.name for p in root.iterdir())
+    ['file']
     >>> check_writable(root / "file" / "out.json")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     grpo.errors.UserError: .../file/out.json: cannot write the output (...); make its parent ...
     """
     for path in map(Path, paths):
+        missing = [p for p in path.parents if not p.exists()]  # nearest first
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=path.parent):
                 pass
         except OSError as err:
             raise _unwritable(path, err) from err
+        finally:
+            for folder in missing:
+                with suppress(OSError):  # only if still empty: another writer may use it
+                    folder.rmdir()
 
 
 @contextmanager
@@ -72,6 +80,33 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_files(*paths: str | Path) -> Iterator[list[Path]]:
+    """Yield one temp path beside each of `paths`; when the body returns, every temp file is
+    renamed onto its path, back to back; on error they all go and no path changes.
+
+    For outputs that belong together (evaluate's predictions and metrics): a failure while
+    writing one of them never leaves the other new beside an old one.
+
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> with atomic_files(root / "a.txt", root / "b.txt") as (a, b):
+    ...     _ = a.write_text("a"), b.write_text("b")
+    >>> sorted(p.name for p in root.iterdir())
+    ['a.txt', 'b.txt']
+    """
+    paths = [Path(p) for p in paths]
+    temps = [p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp") for p in paths]
+    try:
+        yield temps
+        for tmp, path in zip(temps, paths, strict=True):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -109,6 +109,9 @@ def load_metrics(paths: Mapping[str, Path]) -> pd.DataFrame:
         missing = [key for key in METRIC_KEYS if key not in obj]
         if missing:
             raise UserError(f"{path}: missing key(s) {', '.join(missing)}; {FIX}")
+        wrong = [k for k in METRIC_KEYS if type(obj[k]) not in (int, float)]  # bool is no number
+        if wrong:
+            raise UserError(f"{path}: {', '.join(wrong)} not a number; {FIX}")
         rows[label] = obj
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "model"

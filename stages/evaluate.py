@@ -23,7 +23,7 @@ from typing import Any
 from grpo import config, device, model, preflight
 from grpo.data import read_jsonl, write_json_atomic, write_jsonl_atomic
 from grpo.evaluate import evaluate
-from grpo.fsutil import check_writable
+from grpo.fsutil import atomic_files, check_writable
 from stages import _cli
 
 log = logging.getLogger(__name__)
@@ -34,17 +34,25 @@ def skipped_metrics(copy_of: str) -> dict[str, Any]:
     return {"skipped": True, "reason": f"sft disabled (same weights as {Path(copy_of).name})"}
 
 
+def _write_outputs(args, predictions: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """Predictions and metrics as one unit: both are written in full before either replaces
+    its previous version."""
+    with atomic_files(args.predictions, args.metrics) as (predictions_tmp, metrics_tmp):
+        write_jsonl_atomic(predictions_tmp, predictions)
+        write_json_atomic(metrics_tmp, metrics)
+
+
 def main(args) -> None:
     params = config.load(args.params)
     check_writable(args.metrics, args.predictions)
+    model.check_model_dir(args.model)  # a folder, never a hub id: no hub error for a typo
     copy_of = model.sft_copy_of(args.model)
     if copy_of is not None:
-        write_jsonl_atomic(args.predictions, [])
-        write_json_atomic(args.metrics, skipped_metrics(copy_of))
+        _write_outputs(args, [], skipped_metrics(copy_of))
         log.info("%s: unchanged copy of %s, not evaluated again", args.model, copy_of)
         return
     preflight.check_evaluate(params, args.model)
-    records = read_jsonl(args.data)
+    records = read_jsonl(args.data, strings=("id", "question", "gold"))
     source = model.ModelSource("dir", args.model)
     tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
     lm = model.load_model(
@@ -67,8 +75,7 @@ def main(args) -> None:
         seed=params.eval.seed,
         eos_ids=model.eos_token_ids(lm, tokenizer),
     )
-    write_jsonl_atomic(args.predictions, predictions)
-    write_json_atomic(args.metrics, metrics)
+    _write_outputs(args, predictions, metrics)
     log.info("%s: %s", args.metrics, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 

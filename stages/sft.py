@@ -36,7 +36,7 @@ def main(args) -> None:
         log.info("sft disabled: %s copied to %s", args.model, args.out)
         return
     preflight.check_sft(params, args.model)
-    records = read_jsonl(args.data)
+    records = read_jsonl(args.data, strings=("question", "solution", "gold"))
     if params.sft.num_examples > len(records):  # fewer would silently change the experiment
         raise config.ConfigError(
             f"params.yaml: sft.num_examples: {params.sft.num_examples} exceeds the "

@@ -29,12 +29,19 @@ import tiny
 import yaml
 
 from grpo import config, data, fsutil
-from stages import _cli, base_model, prepare, sft, train
+from stages import _cli, base_model, evaluate, prepare, report, sft, train
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"prepare": prepare, "base_model": base_model, "sft": sft, "train": train}
+STAGES = {
+    "prepare": prepare,
+    "base_model": base_model,
+    "sft": sft,
+    "train": train,
+    "evaluate": evaluate,
+    "report": report,
+}
 FIX = re.compile(
-    r"; (fix|add|remove|drop|set|use|write|check|connect|rename|make|re-create|"
+    r"; (fix|add|remove|drop|set|use|write|check|connect|rename|make|re-create|rerun|run|give|"
     r"did you mean)\b"
 )
 """The fix clause every error line carries: `; ` then an imperative (or a suggested key)."""
@@ -48,7 +55,45 @@ def _params(tmp: Path, model_dir: Path) -> dict:
     return raw
 
 
-def _args(stage: str, tmp: Path, model_dir: Path) -> dict[str, Path]:
+def _records(tmp: Path, split: str) -> Path:
+    """The prepared records of a fixture split, as the prepare stage writes them."""
+    path = tmp / f"{split}-records.jsonl"
+    rows = [{"question": q, "answer": a} for q, a in tiny.GSM8K_ROWS[split]]
+    _lines(path, *(json.dumps(data.make_record(split, i, r)) for i, r in enumerate(rows)))
+    return path
+
+
+def _evaluated(tmp: Path, label: str) -> tuple[str, Path, Path]:
+    """A report `--model` of two questions, one right, as the evaluate stage writes them."""
+    predictions = [
+        {"id": f"test-{i:05d}", "strict_correct": i == 0, "lenient_correct": i == 0}
+        for i in range(2)
+    ]
+    metrics = {"n": 2, "mean_completion_tokens": 5.0, "truncation_rate": 0.0}
+    for rate in ("strict_accuracy", "lenient_accuracy", "format_rate"):
+        metrics |= {rate: 0.5, f"{rate}_ci_low": 0.1, f"{rate}_ci_high": 0.9}
+    folder = tmp / "evaluated"
+    folder.mkdir(exist_ok=True)
+    _lines(folder / f"{label}.jsonl", *map(json.dumps, predictions))
+    (folder / f"{label}.json").write_text(json.dumps(metrics))
+    return label, folder / f"{label}.json", folder / f"{label}.jsonl"
+
+
+def _args(stage: str, tmp: Path, model_dir: Path) -> dict:
+    if stage == "evaluate":
+        return {
+            "model": model_dir,
+            "data": _records(tmp, "test"),
+            "metrics": tmp / "metrics" / "base.json",
+            "predictions": tmp / "metrics" / "base.jsonl",
+        }
+    if stage == "report":
+        return {
+            "model": [_evaluated(tmp, "base"), _evaluated(tmp, "grpo")],
+            "train_log": tmp / "log",
+            "md": tmp / "report" / "report.md",
+            "png": tmp / "report" / "report.png",
+        }
     if stage == "train":
         return {
             "model": model_dir,
@@ -208,6 +253,59 @@ def _out_under_a_file(ctx: Ctx) -> None:
     ctx.args["out"] = ctx.tmp / "blocker" / "out"
 
 
+def _sft_enabled(ctx: Ctx) -> None:
+    """sft on, reading prepared records (the default params copy the model instead)."""
+    _sft_diverges(ctx)
+    ctx.params["sft"]["learning_rate"] = 1e-4
+
+
+def _sft_first_record(line: str):
+    """sft on, `line` as the first record (sft reads the first sft.num_examples)."""
+
+    def edit(ctx: Ctx) -> None:
+        _sft_enabled(ctx)
+        path = ctx.args["data"]
+        path.write_text(line + "\n" + path.read_text())
+
+    return edit
+
+
+def _arg(key: str, value: Callable[[Ctx], object]):
+    def edit(ctx: Ctx) -> None:
+        ctx.args[key] = value(ctx)
+
+    return edit
+
+
+def _metrics_text(label: str, text: str):
+    def edit(ctx: Ctx) -> None:
+        (ctx.tmp / "evaluated" / f"{label}.json").write_text(text)
+
+    return edit
+
+
+def _metrics_edit(label: str, change: Callable[[dict], None]):
+    def edit(ctx: Ctx) -> None:
+        path = ctx.tmp / "evaluated" / f"{label}.json"
+        metrics = json.loads(path.read_text())
+        change(metrics)
+        path.write_text(json.dumps(metrics))
+
+    return edit
+
+
+def _remove(relative: str):
+    def edit(ctx: Ctx) -> None:
+        (ctx.tmp / relative).unlink()
+
+    return edit
+
+
+def _metrics_under_a_file(ctx: Ctx) -> None:
+    (ctx.tmp / "blocker").write_text("a file, not a folder")
+    ctx.args["metrics"] = ctx.tmp / "blocker" / "base.json"
+
+
 @dataclass
 class Case:
     id: str
@@ -308,6 +406,71 @@ CASES = [
          ("{tmp}/m/model.safetensors: cannot load", "re-create or re-download")),
     Case("unsupported-gguf-architecture", "base_model", _model(_unsupported_gguf),
          ("{tmp}/m.gguf: cannot load", "rwkv6", "set model.name")),
+    # sft: records, params, model
+    Case("sft-malformed-records", "sft", _sft_first_record("{oops"),
+         ("{tmp}/train.jsonl:1: malformed JSON", "fix or remove the line")),
+    Case("sft-record-not-an-object", "sft", _sft_first_record("[1, 2]"),
+         ("{tmp}/train.jsonl:1: expected a JSON object, got list", "fix or remove the line")),
+    Case("sft-record-without-solution", "sft",
+         _sft_first_record('{"id": "train-99999", "question": "q", "gold": "1"}'),
+         ("{tmp}/train.jsonl:1: missing 'solution' or not a string", "re-create the file")),
+    Case("sft-record-gold-not-a-string", "sft",
+         _sft_first_record('{"id": "x", "question": "q", "solution": "s", "gold": 1}'),
+         ("{tmp}/train.jsonl:1: missing 'gold' or not a string", "re-create the file")),
+    Case("sft-missing-records", "sft",
+         lambda c: (_sft_enabled(c), _arg("data", lambda c: c.tmp / "nope.jsonl")(c)),
+         ("{tmp}/nope.jsonl: file not found", "check the path")),
+    Case("sft-wrong-type", "sft", _set("sft", "batch_size", "two"),
+         ("params.yaml: sft.batch_size: expected an integer, got 'two'", "fix it")),
+    Case("sft-disabled-missing-model", "sft",
+         lambda c: (_set("sft", "enabled", False)(c),
+                    _arg("model", lambda c: c.tmp / "no-model")(c)),
+         ("{tmp}/no-model: no config.json", "rerun")),
+    Case("sft-model-without-weights", "sft",
+         lambda c: (_sft_enabled(c), _arg("model", lambda c: Path(_no_weights(c)))(c)),
+         ("{tmp}/m: cannot load the model", "re-create or re-download")),
+    # evaluate: records, params, model
+    Case("evaluate-malformed-records", "evaluate",
+         lambda c: _append(c.args["data"], "{oops"),
+         ("{tmp}/test-records.jsonl:7: malformed JSON", "fix or remove the line")),
+    Case("evaluate-record-without-gold", "evaluate",
+         lambda c: _append(c.args["data"], '{"id": "test-99999", "question": "q"}'),
+         ("{tmp}/test-records.jsonl:7: missing 'gold' or not a string", "re-create the file")),
+    Case("evaluate-record-id-not-a-string", "evaluate",
+         lambda c: _append(c.args["data"], '{"id": 7, "question": "q", "gold": "1"}'),
+         ("{tmp}/test-records.jsonl:7: missing 'id' or not a string", "re-create the file")),
+    Case("evaluate-missing-records", "evaluate", _arg("data", lambda c: c.tmp / "nope.jsonl"),
+         ("{tmp}/nope.jsonl: file not found", "check the path")),
+    Case("evaluate-wrong-type", "evaluate", _set("eval", "batch_size", "two"),
+         ("params.yaml: eval.batch_size: expected an integer, got 'two'", "fix it")),
+    Case("evaluate-missing-model", "evaluate", _arg("model", lambda c: c.tmp / "no-model"),
+         ("{tmp}/no-model: no config.json", "rerun")),
+    Case("evaluate-model-without-weights", "evaluate",
+         _arg("model", lambda c: Path(_no_weights(c))),
+         ("{tmp}/m: no weights (*.safetensors)", "rerun")),
+    Case("evaluate-metrics-parent-is-a-file", "evaluate", _metrics_under_a_file,
+         ("{tmp}/blocker/base.json: cannot write the output", "make its parent a writable")),
+    # report: the evaluated models' metrics and predictions
+    Case("report-metrics-missing", "report", _remove("evaluated/grpo.json"),
+         ("{tmp}/evaluated/grpo.json: metrics file not found", "run dvc repro")),
+    Case("report-metrics-garbled", "report", _metrics_text("grpo", '{"n": 2,'),
+         ("{tmp}/evaluated/grpo.json: malformed JSON", "run dvc repro")),
+    Case("report-metrics-not-an-object", "report", _metrics_text("grpo", "[1, 2]"),
+         ("{tmp}/evaluated/grpo.json: expected a JSON object", "run dvc repro")),
+    Case("report-metrics-missing-key", "report",
+         _metrics_edit("grpo", lambda m: m.pop("strict_accuracy")),
+         ("{tmp}/evaluated/grpo.json: missing key(s) strict_accuracy", "run dvc repro")),
+    Case("report-metrics-wrong-type", "report",
+         _metrics_edit("grpo", lambda m: m.update(strict_accuracy="high")),
+         ("{tmp}/evaluated/grpo.json: strict_accuracy not a number", "run dvc repro")),
+    Case("report-predictions-missing", "report", _remove("evaluated/grpo.jsonl"),
+         ("{tmp}/evaluated/grpo.jsonl: predictions file not found", "run dvc repro")),
+    Case("report-predictions-fewer-than-n", "report",
+         _metrics_edit("grpo", lambda m: m.update(n=3)),
+         ("{tmp}/evaluated/grpo.jsonl: 2 rows but its metrics say n=3", "run dvc repro")),
+    Case("report-repeated-label", "report",
+         _arg("model", lambda c: [c.args["model"][0], c.args["model"][0]]),
+         ("--model labels repeat (base, base)", "give each model once")),
     # disk
     Case("out-parent-is-a-file", "prepare", _out_under_a_file,
          ("{tmp}/blocker/out: cannot write the output", "make its parent a writable folder")),
@@ -316,8 +479,12 @@ CASES = [
 ]  # fmt: skip
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under `folder`, empty and hidden ones too."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in folder.rglob("*")
+    }
 
 
 def _setup(case: Case, tmp: Path, model_dir: Path, monkeypatch) -> argparse.Namespace:
@@ -326,7 +493,8 @@ def _setup(case: Case, tmp: Path, model_dir: Path, monkeypatch) -> argparse.Name
               monkeypatch)  # fmt: skip
     case.edit(ctx)
     (tmp / "params.yaml").write_text(yaml.safe_dump(ctx.params, sort_keys=False))
-    return argparse.Namespace(params=tmp / "params.yaml", **ctx.args)
+    paths = {k: str(v) if isinstance(v, Path) else v for k, v in ctx.args.items()}  # as argparse
+    return argparse.Namespace(params=tmp / "params.yaml", **paths)
 
 
 def _check_error_line(stderr: str, stage: str, expect: list[str]) -> None:
@@ -419,6 +587,45 @@ def test_disk_full_while_writing_gives_one_line(
     _check_error_line(capsys.readouterr().err, "prepare", expect)
     assert _tree(tmp_path) == before
     assert not any(tmp_path.glob(".out.tmp.*"))
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(OSError(errno.ENOSPC, "No space left on device"), 2), (KeyboardInterrupt(), 130)],
+    ids=["disk-full", "ctrl-c"],
+)
+def test_evaluate_writes_predictions_and_metrics_as_one_unit(
+    error, code, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """Writing the metrics fails after the predictions are written: neither replaces its
+    previous version, and no temp file stays; without the failure both are replaced."""
+    case = Case("one-unit", "evaluate", _set("eval", "max_new_tokens", 4), ())
+    args = _setup(case, tmp_path, tiny_model_dir, monkeypatch)
+    Path(args.metrics).parent.mkdir()
+    Path(args.metrics).write_text("old metrics\n")
+    Path(args.predictions).write_text("old predictions\n")
+    before = _tree(tmp_path)
+    write_metrics = evaluate.write_json_atomic
+    written = []
+
+    def fail(path, obj):
+        written.append(Path(path))
+        raise error
+
+    monkeypatch.setattr(evaluate, "write_json_atomic", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.run("evaluate", evaluate.main, args)
+    assert exit_info.value.code == code
+    assert written, "the metrics write was never reached"
+    assert capsys.readouterr().err.count("error [evaluate]: ") == 1
+    assert _tree(tmp_path) == before
+
+    monkeypatch.setattr(evaluate, "write_json_atomic", write_metrics)
+    _cli.run("evaluate", evaluate.main, args)
+    assert set(_tree(tmp_path)) == set(before)  # the same files, no temp file beside them
+    predictions = data.read_jsonl(args.predictions)
+    assert [p["id"] for p in predictions] == [f"test-{i:05d}" for i in range(6)]
+    assert json.loads(Path(args.metrics).read_text())["n"] == 6
 
 
 def test_ctrl_c_gives_one_line_and_exit_130(tmp_path, capsys):

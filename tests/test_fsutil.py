@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo.fsutil import atomic_dir, atomic_write
+from grpo.fsutil import atomic_dir, atomic_files, atomic_write
 
 
 def _tree(folder: Path) -> dict[str, bytes | None]:
@@ -78,3 +78,19 @@ def test_atomic_write_gives_the_whole_file(tmp_path):
     atomic_write(path, lambda h: h.write("a\nb\n"))
     atomic_write(path, lambda h: h.write("c\n"))
     assert _tree(tmp_path) == {"sub": None, "sub/rows.jsonl": b"c\n"}
+
+
+@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
+def test_atomic_files_replace_all_or_none(tmp_path, error):
+    paths = [tmp_path / "predictions.jsonl", tmp_path / "metrics.json"]
+    for path in paths:
+        path.write_text("old")
+    before = _tree(tmp_path)
+    with pytest.raises(error), atomic_files(*paths) as temps:
+        temps[0].write_text("new")  # one written in full, the other not yet
+        raise error
+    assert _tree(tmp_path) == before
+    with atomic_files(*paths) as temps:
+        for tmp in temps:
+            tmp.write_text("new")
+    assert _tree(tmp_path) == {"predictions.jsonl": b"new", "metrics.json": b"new"}
