@@ -41,6 +41,19 @@ def lm():
     return model, tokenizer
 
 
+def _attentive(model):
+    """`model` with embeddings x5 and attention weights x10: at HF's initialization the logits
+    are so flat and the attention output so small that zeroing attention changes no token, so
+    a token comparison could not notice broken attention."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(5)
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                proj.weight.mul_(10)
+    return model
+
+
 def _prompts(tokenizer, n=3):
     questions = [q for q, _ in tiny.GSM8K_ROWS["train"][:n]]
     return [chat_prompt(tokenizer, q, SYSTEM) for q in questions]
@@ -220,23 +233,39 @@ def test_logprobs_match_generation_logits_with_left_padding(lm):
         torch.testing.assert_close(got[mask], expected[mask], atol=1e-4, rtol=1e-4)
 
 
-def test_generate_groups_and_masks(lm):
+@pytest.mark.parametrize("engine", ["hf", "lean"])
+def test_generate_groups_and_masks(lm, engine):
+    """The mask is 1 up to and including a row's first EOS and 0 after it (all 1 without EOS),
+    checked against the tokens themselves on rows that end with EOS early, late, at once
+    (EOS-only) and never (truncated)."""
     model, tokenizer = lm
-    cfg = generation_config(max_new_tokens=5, eos_ids=[2], pad_id=2)
+    eos = [2, *range(5, model.config.vocab_size, 3)]  # a third of the vocabulary ends a row
+    pad = 0  # no EOS: padding after a row's EOS stays visible as such
+    cfg = generation_config(max_new_tokens=6, eos_ids=eos, pad_id=pad)
     gen = generate(
         model,
         tokenizer,
-        _prompts(tokenizer, 2),
+        _prompts(tokenizer, 3),
         cfg,
         sampling=Sampling(temperature=1.0),
-        seeds=row_seeds(0, 0, range(6)),
-        num_return_sequences=3,
+        seeds=row_seeds(0, 0, range(12)),
+        num_return_sequences=4,
+        engine=engine,
     )
-    assert gen.completion_ids.shape[0] == 6
-    assert torch.equal(gen.prompt_ids[0], gen.prompt_ids[2])  # a prompt's G rows are consecutive
-    assert gen.completion_mask.sum(1).tolist() == gen.num_tokens
-    for row, n in enumerate(gen.num_tokens):
-        assert gen.truncated[row] == (2 not in gen.completion_ids[row, :n].tolist())
+    assert gen.completion_ids.shape == (12, 6)
+    assert torch.equal(gen.prompt_ids[0], gen.prompt_ids[3])  # a prompt's G rows are consecutive
+    assert not torch.equal(gen.prompt_ids[3], gen.prompt_ids[4])
+    firsts = []
+    for row, ids in enumerate(gen.completion_ids.tolist()):
+        first = next((t for t, token in enumerate(ids) if token in eos), None)
+        firsts.append(first)
+        length = len(ids) if first is None else first + 1
+        assert gen.completion_mask[row].tolist() == [1] * length + [0] * (len(ids) - length)
+        assert ids[length:] == [pad] * (len(ids) - length)
+        assert gen.num_tokens[row] == length
+        assert gen.truncated[row] == (first is None)
+    assert None in firsts and 0 in firsts, firsts  # truncated and EOS-only rows
+    assert len({f for f in firsts if f is not None}) > 2, firsts  # EOS at varied positions
     assert not model.training
 
 
@@ -273,9 +302,9 @@ def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monk
 
     The llama step drops finished rows when the live ones fit in fewer column blocks: with 12
     rows and blocks of 16 it never does, with blocks of 4 it drops them midway."""
-    model, tokenizer = lm
-    if path == "qwen2":
-        model = tiny.build_model(tokenizer, arch="qwen2").eval()
+    _, tokenizer = lm
+    arch = "qwen2" if path == "qwen2" else "llama"
+    model = _attentive(tiny.build_model(tokenizer, arch=arch)).eval()
     assert llama_step.supported(model)
     if path == "any-architecture":
         monkeypatch.setattr(llama_step, "supported", lambda m: False)
@@ -295,6 +324,8 @@ def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monk
     prompts = _prompts(tokenizer, 3)
     vocab = model.config.vocab_size
     eos = [2, *range(5, vocab, 7)]  # many EOS ids, so rows finish at different steps
+    if temperature == 0:
+        eos = [2]  # greedy rows would all end at once on one of many
     cfg = generation_config(max_new_tokens=12, eos_ids=eos, pad_id=2)
     sampling = Sampling(temperature=temperature)
     seeds = row_seeds(3, 0, range(12)) if temperature > 0 else None
@@ -316,10 +347,32 @@ def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monk
     assert torch.equal(lean.completion_mask, hf.completion_mask)
     assert torch.equal(lean.prompt_ids, hf.prompt_ids)
     assert lean.texts == hf.texts and lean.truncated == hf.truncated
+    assert max(lean.num_tokens) == 12  # the decode steps ran, not only the prefill
     if temperature > 0:  # the comparison covered early and late finishers
         assert len(set(lean.num_tokens)) > 2 and max(lean.num_tokens) == 12, lean.num_tokens
         if path == "llama-4-columns":
             assert drops and drops == sorted(drops, reverse=True), drops  # rows left midway
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_attentive_model_tokens_depend_on_attention(lm, temperature):
+    """The model of the token comparison above: with attention's output zeroed most rows get
+    other tokens, so a decode that breaks attention cannot give HF generate's tokens."""
+    _, tokenizer = lm
+    model = _attentive(tiny.build_model(tokenizer)).eval()
+    cfg = generation_config(max_new_tokens=12, eos_ids=[2], pad_id=2)
+    seeds = row_seeds(3, 0, range(12)) if temperature > 0 else None
+
+    def texts():
+        prompts, sampling = _prompts(tokenizer, 3), Sampling(temperature=temperature)
+        kw = {"sampling": sampling, "seeds": seeds, "num_return_sequences": 4, "engine": "hf"}
+        return generate(model, tokenizer, prompts, cfg, **kw).texts
+
+    normal = texts()
+    for layer in model.model.layers:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+    changed = sum(a != b for a, b in zip(normal, texts(), strict=True))
+    assert changed >= 9, changed
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["C-kernel", "torch"])
