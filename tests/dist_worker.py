@@ -4,9 +4,9 @@
     python -m grpo.launch --nproc-per-node 2 -- python tests/dist_worker.py ...
 
 Each node's writer (local rank 0) saves the final full state dict to DIR/params.pt; the logged
-metrics stay in DIR/log and checkpoints in DIR/out/checkpoints. `--resume` resumes like the
-train stage (the nodes agree on a checkpoint; rank 0 reads it); `--fail-on-rank R` raises an
-error on rank R at the start of step 2.
+metrics stay in DIR/log (every step's in DVCLive's TSV files) and checkpoints in
+DIR/out/checkpoints. `--resume` resumes like the train stage (the nodes agree on a checkpoint;
+rank 0 reads it); `--fail-on-rank R` raises an error on rank R at the start of step 2.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--loss-type", default="grpo")
     p.add_argument("--mu", type=int, default=1)
     p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--iterations", type=int, default=1)
     p.add_argument("--save-every", type=int, default=0)
@@ -57,7 +58,7 @@ def main() -> None:
         loss_type=args.loss_type,
         mu=args.mu,
         beta=args.beta,
-        learning_rate=1e-4,
+        learning_rate=args.lr,
     )
     together = False  # as in stages/train.py: leave together only when every rank ended alike
     try:

@@ -49,14 +49,39 @@ def _metrics(out: Path) -> dict:
     return metrics
 
 
+UPDATE_METRICS = ("loss", "kl", "clip_ratio", "grad_norm")
+"""What `GRPOTrainer.update` reports; the gradient norm is taken before clipping, so unlike the
+weights after AdamW and clipping it shows a gradient scaled by a constant."""
+
+
+def _steps(out: Path) -> dict[str, list[float]]:
+    """Each update metric's logged value at every step, from DVCLive's TSV files."""
+    series = {}
+    for name in UPDATE_METRICS:
+        lines = (out / "log" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+        assert lines[0] == f"step\t{name}"
+        series[name] = [float(line.split("\t")[1]) for line in lines[1:]]
+    return series
+
+
+def assert_same_steps(one: Path, many: Path) -> dict[str, list[float]]:
+    """1 and N processes logged the same update metrics at every step; return 1's."""
+    a, b = _steps(one), _steps(many)
+    for name in UPDATE_METRICS:
+        assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-7), name
+    return a
+
+
 @pytest.mark.parametrize(
     "args",
     [
         ("--strategy", "ddp"),
         ("--strategy", "fsdp", "--iterations", "2"),
         ("--strategy", "ddp", "--loss-type", "dapo", "--mu", "2", "--beta", "0"),
+        # off-policy updates far enough from the rollout policy to clip some ratios
+        ("--strategy", "ddp", "--mu", "3", "--lr", "0.003"),
     ],
-    ids=["ddp", "fsdp-2-iterations", "ddp-dapo-mu2"],
+    ids=["ddp", "fsdp-2-iterations", "ddp-dapo-mu2", "ddp-mu3-clipping"],
 )
 def test_two_processes_match_one(tmp_path, args):
     one = _run(tmp_path / "one", 1, *args, "--steps", "2")
@@ -73,6 +98,12 @@ def test_two_processes_match_one(tmp_path, args):
     assert m1["reward"] == pytest.approx(m2["reward"])
     assert m1["completion"] == pytest.approx(m2["completion"])
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-3, abs=1e-7)
+    steps = assert_same_steps(tmp_path / "one", tmp_path / "two")
+    assert all(v > 0 for v in steps["grad_norm"])
+    if "--beta" not in args:  # the default 0.04: the policy leaves the reference after step 1
+        assert any(v > 0 for v in steps["kl"]), steps
+    if "--lr" in args:
+        assert any(v > 0 for v in steps["clip_ratio"]), steps
 
 
 def test_checkpoint_of_one_process_resumes_under_fsdp_on_two(tmp_path):
