@@ -130,7 +130,7 @@ def check_batch_split(cfg: config.TrainConfig, processes: int) -> None:
 def train(params, args, d: distributed.Dist, strategy: str) -> None:
     cfg = params.train
     check_batch_split(cfg, d.world)
-    records = read_jsonl(args.data)
+    records = read_jsonl(args.data, strings=("question", "gold"))
     source = model.ModelSource("dir", args.model)
     tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
     # fp32 master weights, bf16 autocast on a capable GPU; LoRA trains fp32 adapters only, so
