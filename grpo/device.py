@@ -14,7 +14,8 @@ monkeypatch `torch.cuda.is_available`, `get_device_capability`, `device_count` a
   `model.attn_implementation` (`attention`): flash_attention_2 only where it can run (CUDA,
   capability >= 8.0, and `import flash_attn` succeeds), else SDPA; an explicit
   flash_attention_2 where it cannot run is a `DeviceError`;
-- the autocast context of training and scoring forwards (`autocast`).
+- the autocast context of training and scoring forwards (`autocast`);
+- bit-reproducible backward passes on the CPU (`reproducible`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -132,6 +134,27 @@ def autocast(dev: torch.device | None = None) -> contextlib.AbstractContextManag
     if bf16_native(dev):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def reproducible(dev: torch.device | None = None) -> Iterator[None]:
+    """On the CPU, torch's deterministic kernels for the forwards and backwards inside.
+
+    Packed scoring keeps a group's shared prompt end once per completion, so the backward of
+    that gather adds several gradients into one position; torch's default CPU kernel adds them
+    in thread order, which changes the weights in the last bits from run to run. Elsewhere
+    (CUDA) nothing changes: deterministic CUDA kernels cost speed and need cuBLAS settings.
+    """
+    if _resolve(dev).type != "cpu":
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def describe(dev: torch.device | None = None) -> str:

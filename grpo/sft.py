@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo.config import SftConfig
 from grpo.data import sft_completion
-from grpo.device import autocast
+from grpo.device import autocast, reproducible
 from grpo.errors import UserError
 from grpo.rollout import chat_prompt
 
@@ -110,9 +110,10 @@ def train_sft(
                     tokenizer.pad_token_id,
                 )
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast(device):
-                    loss = model(**batch).loss
-                loss.backward()
+                with reproducible(device):  # bit-identical reruns on the CPU
+                    with autocast(device):
+                        loss = model(**batch).loss
+                    loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 _check_finite(loss.item(), float(grad_norm), len(losses) + 1)
                 optimizer.step()

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo import checkpoint, distributed
 from grpo.config import TrainConfig
-from grpo.device import autocast
+from grpo.device import autocast, reproducible
 from grpo.errors import UserError
 from grpo.loss import group_advantages, grpo_loss, zero_std_fraction
 from grpo.rewards import RewardFunctions
@@ -579,8 +579,9 @@ class GRPOTrainer:
     def _step(self, step: int, iteration: int, optimizer, scheduler, bar) -> None:
         start = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
-        ro = self.rollout(step)
-        stats = self.update(ro, optimizer, scheduler, step)
+        with reproducible(self.device):  # bit-identical reruns and resumes on the CPU
+            ro = self.rollout(step)
+            stats = self.update(ro, optimizer, scheduler, step)
         seconds = time.perf_counter() - start
         metrics = self._step_metrics(ro, stats, lr, seconds)
         metrics["iteration"] = iteration

@@ -193,3 +193,33 @@ def test_stages_move_the_model_to_the_chosen_device(
     monkeypatch.setattr(model, "load_model", load_and_spy)
     _run(which, tiny_model_dir, tmp_path, *stage_inputs)
     assert moves == [chosen]
+
+
+def _repeated_index_backward(runs: int) -> list[torch.Tensor]:
+    """Gradients of a gather whose positions repeat, as packed scoring keeps a group's shared
+    prompt end once per completion: the backward adds several rows into one position."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 1200, 576, generator=gen, requires_grad=True)  # (1, L, C)
+    keep = torch.cat([torch.arange(0, 1200, 2), torch.full((300,), 100), torch.full((300,), 700)])
+    upstream = torch.randn(1, keep.numel(), 576, generator=gen)  # (1, K, C)
+    grads = []
+    for _ in range(runs):
+        hidden.grad = None
+        hidden[:, keep].backward(upstream)
+        grads.append(hidden.grad.clone())
+    return grads
+
+
+def test_reproducible_gives_bit_identical_cpu_backwards_and_restores_the_flags():
+    torch.use_deterministic_algorithms(False)
+    with device.reproducible(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled()
+        grads = _repeated_index_backward(20)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_reproducible_leaves_cuda_kernels_alone(monkeypatch):
+    torch.use_deterministic_algorithms(False)
+    with device.reproducible(torch.device("cuda", 0)):
+        assert not torch.are_deterministic_algorithms_enabled()

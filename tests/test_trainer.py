@@ -145,3 +145,21 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7)
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_each_step_runs_with_reproducible_cpu_kernels(tmp_path, monkeypatch):
+    """Rollout and update run under `device.reproducible`: without it the backward of packed
+    scoring adds in thread order and two runs of the same config differ in the last bits."""
+    trainer, _ = _trainer(tmp_path, _cfg(num_steps=2))
+    seen = []
+    for name in ("rollout", "update"):
+        method = getattr(trainer, name)
+
+        def spy(*args, method=method, name=name, **kwargs):
+            seen.append((name, torch.are_deterministic_algorithms_enabled()))
+            return method(*args, **kwargs)
+
+        monkeypatch.setattr(trainer, name, spy)
+    trainer.train(tmp_path / "log", {})
+    assert seen == [("rollout", True), ("update", True)] * 2
+    assert not torch.are_deterministic_algorithms_enabled()
