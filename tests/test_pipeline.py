@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -98,7 +99,7 @@ def workspace(tmp_path_factory) -> Path:
             "num_generations": 2,
             "max_completion_length": 8,
             "save_every": 1,
-            # random models earn no reward (zero advantages, zero gradient): decoupled weight
+            # the random model earns no reward (zero advantages, zero gradient): decoupled weight
             # decay makes every step change the weights, so outputs depend on the train params
             "weight_decay": 0.1,
             "learning_rate": 1e-3,
@@ -222,12 +223,19 @@ def test_exp_run_with_two_processes_launches_workers_and_logs_once(workspace):
 def test_sigkill_mid_training_then_repro_resumes_to_the_same_weights(workspace):
     """Kill `dvc repro` (and the train stage under it) with SIGKILL after a few steps; the next
     `dvc repro` resumes from the last complete checkpoint and ends with the weights and metrics
-    of an uninterrupted run."""
+    of an uninterrupted run. An SFT long enough to make the tiny model write the tags, scored
+    with the `presence` format reward, gives groups with unequal rewards in the resumed steps:
+    the policy gradient, not only weight decay and KL, moves the weights resumed."""
     original = (workspace / "params.yaml").read_text()
     ckpts = workspace / "models/grpo-checkpoints"
     metrics_dir = workspace / "dvclive/plots/metrics"
     try:
-        edit_params(workspace, train={"num_steps": 8, "save_every": 1})
+        edit_params(
+            workspace,
+            sft={"epochs": 25, "learning_rate": 1e-2},
+            reward={"format_mode": "presence"},
+            train={"num_steps": 8, "save_every": 1, "num_generations": 4},
+        )
         run(workspace, "dvc", "repro", "train")
         straight = load_file(workspace / "models/grpo/model.safetensors")
         straight_log = {p.name: p.read_text() for p in metrics_dir.glob("reward/*.tsv")}
@@ -256,6 +264,11 @@ def test_sigkill_mid_training_then_repro_resumes_to_the_same_weights(workspace):
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
         assert "train" in ran
         assert "resuming from" in out
+        resumed_from = int(re.search(r"resuming from .* \(step (\d+)\)", out)[1])
+        zero_std = (metrics_dir / "frac_reward_zero_std.tsv").read_text().splitlines()[1:]
+        redone = [float(line.split("\t")[1]) for line in zero_std[resumed_from:]]
+        assert len(redone) == 8 - resumed_from >= 1
+        assert all(frac < 1 for frac in redone), redone  # some group has non-zero advantages
         resumed = load_file(workspace / "models/grpo/model.safetensors")
         assert resumed.keys() == straight.keys()
         start = load_file(workspace / "models/sft/model.safetensors")
