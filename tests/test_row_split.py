@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
-from test_distributed import _metrics, _run
+from test_distributed import _metrics, _run, assert_same_steps
 from test_trainer import _cfg, _trainer
 
 from grpo import distributed, trainer
@@ -99,3 +99,4 @@ def test_three_processes_on_uneven_rows_match_one(tmp_path, args):
     assert m1["completion"] == pytest.approx(m3["completion"])
     assert m1["frac_reward_zero_std"] == m3["frac_reward_zero_std"]
     assert m1["loss"] == pytest.approx(m3["loss"], rel=1e-3, abs=1e-7)
+    assert_same_steps(tmp_path / "one", tmp_path / "three")
