@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from tqdm import tqdm
+
 from grpo import config
 from grpo.errors import UserError
 
@@ -29,28 +31,31 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def _fail(stage: str, message: str, code: int) -> None:
+    """End the stage with `error [<stage>]: <message>` on a line of its own, and `code`."""
+    for bar in list(getattr(tqdm, "_instances", ())):  # a live progress bar owns the line
+        bar.close()
+    print(f"error [{stage}]: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def run(stage: str, main: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
     """Run a stage's main; turn user errors into a one-line message and exit code 2."""
     logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s")
     try:
         main(args)
     except UserError as err:
-        print(f"error [{stage}]: {err}", file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", 2))
+        _fail(stage, str(err), getattr(err, "exit_code", 2))
     except OSError as err:
         if err.errno not in DISK_FULL:
             raise
         where = err.filename or getattr(args, "out", None) or "an output"
-        print(
-            f"error [{stage}]: {where}: cannot write ({err.strerror or os.strerror(err.errno)}); "
-            f"make room on that disk (or raise the file-size limit or quota) and rerun the stage",
-            file=sys.stderr,
+        _fail(
+            stage,
+            f"{where}: cannot write ({err.strerror or os.strerror(err.errno)}); make room on "
+            f"that disk (or raise the file-size limit or quota) and rerun the stage",
+            2,
         )
-        sys.exit(2)
     except KeyboardInterrupt:
-        print(
-            f"error [{stage}]: interrupted, nothing written; use dvc repro to run it again",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+        _fail(stage, "interrupted, nothing written; use dvc repro to run it again", 130)
     config.write_trace(stage)

@@ -504,7 +504,7 @@ def _setup(case: Case, tmp: Path, model_dir: Path, monkeypatch) -> argparse.Name
 
 def _check_error_line(stderr: str, stage: str, expect: list[str]) -> None:
     assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error [")]
+    errors = [line for line in stderr.splitlines() if "error [" in line]
     assert len(errors) == 1, stderr
     line = errors[0]
     assert line.startswith(f"error [{stage}]: ")
@@ -730,3 +730,39 @@ def test_real_ctrl_c_gives_one_line_and_exit_130(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     _check_error_line(err, "evaluate", ["interrupted, nothing written"])
+
+
+def test_ctrl_c_during_a_real_evaluation_gives_one_line_and_no_output(tmp_path, tiny_model_dir):
+    """Ctrl-C while `python -m stages.evaluate` generates: exit 130, one line, no metrics or
+    predictions, no temp file (the old outputs would stay)."""
+    raw = _params(tmp_path, tiny_model_dir)
+    raw["eval"].update(batch_size=2, max_new_tokens=200)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    q, a = tiny.GSM8K_ROWS["test"][0]
+    rows = [data.make_record("test", i, {"question": q, "answer": a}) for i in range(400)]
+    _lines(tmp_path / "records.jsonl", *(json.dumps(r) for r in rows))
+    before = _tree(tmp_path)
+    cmd = [
+        sys.executable, "-m", "stages.evaluate", "--params", "params.yaml",
+        "--model", str(tiny_model_dir), "--data", "records.jsonl",
+        "--metrics", "metrics/base.json", "--predictions", "metrics/predictions/base.jsonl",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        # a terminal's child: a background job (nohup, `cmd &` in a script) inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    seen = []
+    for line in proc.stderr:  # the stage logs this line, then generates
+        seen.append(line)
+        if "evaluating on" in line:
+            break
+    time.sleep(1.0)
+    assert proc.poll() is None, "".join(seen)  # still generating: 400 questions
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    err = "".join(seen) + rest
+    assert proc.returncode == 130, err
+    _check_error_line(err, "evaluate", ["interrupted, nothing written"])
+    assert _tree(tmp_path) == before
