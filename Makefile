@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(TORCH_CPU_INDEX))
 
-.PHONY: setup setup-gpu demo test test-slow test-gpu lint format bench clean-venv
+.PHONY: setup setup-gpu demo test test-slow test-gpu mutate lint format bench clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ test-slow: setup
 test-gpu: setup
 	$(BIN)/python -m pytest -q -rP -m gpu tests/test_gpu.py tests/test_rollout.py
 	@echo "rollout and step times at the seed preset's shape: $(BIN)/python bench/gpu_rollout.py"
+
+# mutation testing (mutmut, one worker): grpo/loss.py, grpo/rewards.py and the trainer's rollout
+# and update, each mutant against its own tests; prints counts per file and the kill rate, and
+# fails on a survivor that mutate/equivalent.txt does not explain. `make mutate TARGETS=loss`
+mutate: setup
+	nice -n 10 $(BIN)/python mutate/run.py $(TARGETS)
 
 lint: setup
 	ruff check . && ruff format --check .

@@ -403,3 +403,103 @@ def _call(**overrides):
 def test_grpo_loss_errors(overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _call(**overrides)
+
+
+# ---------------------------------------------------------------- edges found by `make mutate`
+
+
+def test_group_size_one_is_a_valid_grouping_for_the_zero_std_fraction() -> None:
+    # a group of one reward is constant; 0 is no grouping at all
+    assert zero_std_fraction(t([1.0, 2.0]), 1) == 1.0
+    with pytest.raises(ValueError, match=r"^group_size must be >= 1, got 0$"):
+        zero_std_fraction(t([1.0, 2.0]), 0)
+
+
+@pytest.mark.parametrize(
+    ("rewards", "group_size", "message"),
+    [
+        (t([1, 2, 3]), 2, "each prompt's group of completions must be complete and consecutive"),
+        (t([1, 2]), 1, "group_size=1 makes every advantage zero; GRPO needs >= 2 per prompt"),
+        (t([1, float("inf")]), 2, "rewards contain NaN or inf"),
+    ],
+)
+def test_group_advantages_error_messages(rewards, group_size: int, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        group_advantages(rewards, group_size)
+    assert str(caught.value).endswith(message)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"logp": torch.zeros(0, 3), "mask": torch.ones(0, 3), "advantages": torch.zeros(0)},
+            "logp has no sequences (N == 0)",
+        ),
+        ({"mask": torch.full((2, 3), 2.0)}, "mask must contain only 0 and 1"),
+        (
+            {"loss_type": "dr_grpo", "max_completion_length": 0},
+            "loss_type='dr_grpo' needs max_completion_length >= 1 (got 0)",
+        ),
+    ],
+)
+def test_grpo_loss_error_messages(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        _call(**overrides)
+    assert str(caught.value) == message
+
+
+def test_zero_epsilons_and_a_full_length_row_are_accepted() -> None:
+    # epsilon 0 is a trust region of width 0, not an error; dr_grpo accepts a row exactly
+    # max_completion_length long. On-policy at epsilon 0 the ratio sits on both bounds: unclipped
+    logp = leaf([[-1.0], [-2.0]])
+    out = grpo_loss(
+        logp,
+        logp.detach().clone(),
+        None,
+        t([1.0, -1.0]),
+        t([[1], [1]]),
+        beta=0.0,
+        epsilon=0.0,
+        epsilon_high=0.0,
+        loss_type="dr_grpo",
+        max_completion_length=1,
+    )
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(0.0)  # -(1 - 1) / (2 * 1)
+    assert logp.grad.tolist() == [[-0.5], [0.5]]
+    assert (out.clip_ratio, out.clip_ratio_low, out.clip_ratio_high) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(("ratio", "a"), [(0.5, 0.0), (0.5, 0.5), (1.5, 0.0)])
+def test_a_zero_or_positive_advantage_is_not_clipped_from_below(ratio: float, a: float) -> None:
+    out, _ = _one_token(ratio, a)
+    assert (out.clip_ratio, out.clip_ratio_low, out.clip_ratio_high) == (0.0, 0.0, 0.0)
+
+
+def test_clip_fractions_divide_by_the_token_count() -> None:
+    # 4 tokens: one clipped from above, one from below, two inside
+    logp = leaf([[math.log(1.5), math.log(0.5), 0.0, 0.0]])
+    old = t([[0.0, 0.0, 0.0, 0.0]])
+    up = grpo_loss(logp, old, None, t([1.0]), torch.ones(1, 4), beta=0.0, epsilon=0.2)
+    down = grpo_loss(logp, old, None, t([-1.0]), torch.ones(1, 4), beta=0.0, epsilon=0.2)
+    assert (up.clip_ratio_high, up.clip_ratio_low) == (0.25, 0.0)
+    assert (down.clip_ratio_high, down.clip_ratio_low) == (0.0, 0.25)
+
+
+def test_beta_zero_never_adds_the_kl_even_when_it_overflows() -> None:
+    # ref - logp = 1000: exp overflows to inf; with beta 0 it is measured, not added (0 * inf)
+    logp = leaf([[-1000.0]])
+    out = grpo_loss(logp, None, t([[0.0]]), t([1.0]), t([[1]]), beta=0.0, epsilon=0.2)
+    out.loss.backward()
+    assert out.loss.item() == -1.0
+    assert out.kl == math.inf
+    assert logp.grad.tolist() == [[-1.0]]
+
+
+def test_dapo_with_one_token_divides_by_one() -> None:
+    logp = leaf([[-1.0, -1.0]])
+    out = grpo_loss(
+        logp, None, None, t([3.0]), t([[1, 0]]), beta=0.0, epsilon=0.2, loss_type="dapo"
+    )
+    assert out.loss.item() == -3.0

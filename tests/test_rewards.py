@@ -430,3 +430,64 @@ def test_doctests() -> None:
     result = doctest.testmod(grpo.rewards)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+# Edges found by `make mutate` (mutate/run.py): each case kills a mutant the cases above let live.
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1/5", "0.2"),  # a factor 5 in the denominator
+        ("1/25", "0.04"),  # two of them
+        ("1/20", "0.05"),  # a leading zero after the point
+        ("-.5", "-0.5"),  # a signed bare decimal
+        ("1" * 101 + "/2", None),  # numerator past the fraction digit limit
+        ("2" * 100 + "/2", "1" * 100),  # numerator at the limit
+        ("5/" + "0" * 99 + "1", "5"),  # denominator at the limit (leading zeros count)
+    ],
+)
+def test_normalize_number_edges(text: str, expected: str | None) -> None:
+    assert normalize_number(text) == expected
+
+
+def test_tagged_answer_ignores_an_opening_tag_after_the_last_block() -> None:
+    assert extract_tagged_answer("<answer>5</answer><answer>") == "5"
+
+
+def test_answer_block_inside_the_reasoning_is_not_well_formed() -> None:
+    assert not is_well_formed("<reasoning>r<answer>72</reasoning></answer>")
+
+
+def test_completion_text_of_an_empty_message_list_is_empty() -> None:
+    assert grpo.rewards._completion_text([]) == ""
+
+
+def test_non_string_message_content_names_its_type() -> None:
+    correctness, _ = RewardFunctions(cfg()).trl_functions()
+    with pytest.raises(TypeError, match=r"^completion message content must be a string, got int$"):
+        correctness(completions=[[{"role": "assistant", "content": 72}]], answer=["72"])
+
+
+def test_trl_gold_is_the_text_after_the_last_marker() -> None:
+    correctness, _ = RewardFunctions(cfg()).trl_functions()
+    assert correctness(completions=["<answer>7</answer>"], answer=["a #### b #### 7"]) == [2.0]
+
+
+def test_reward_functions_use_the_configured_values() -> None:
+    rewards = RewardFunctions(
+        SimpleNamespace(
+            correct_exact=3.0, correct_numeric=1.0, format_mode="off", format_weight=0.8
+        )
+    )
+    assert rewards.score("<answer>72</answer>", "72")["correctness"] == 3.0
+    assert rewards.score("<answer>72.0</answer>", "72")["correctness"] == 1.0
+    assert rewards.max_total() == 3.0  # format "off" earns nothing
+
+
+def test_trl_correctness_counts_in_its_message() -> None:
+    correctness, _ = RewardFunctions(cfg()).trl_functions()
+    with pytest.raises(ValueError, match=r"\(answer=\.\.\.\): 2 completions, 1 answers$"):
+        correctness(completions=[GOOD, GOOD], answer=["72"])
+    with pytest.raises(ValueError, match=r"\(answer=\.\.\.\): 1 completions, no answers$"):
+        correctness(completions=[GOOD])
