@@ -140,6 +140,7 @@ def autocast(dev: torch.device | None = None) -> contextlib.AbstractContextManag
 def reproducible(dev: torch.device | None = None) -> Iterator[None]:
     """On the CPU, torch's deterministic kernels for the forwards and backwards inside.
 
+    For training forwards and backwards, not decoding (whose kernels it would slow down).
     Packed scoring keeps a group's shared prompt end once per completion, so the backward of
     that gather adds several gradients into one position; torch's default CPU kernel adds them
     in thread order, which changes the weights in the last bits from run to run. Elsewhere
@@ -150,11 +151,15 @@ def reproducible(dev: torch.device | None = None) -> Iterator[None]:
         return
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # NaN-filling every torch.empty (the mode's default) changes no result, only costs time
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def describe(dev: torch.device | None = None) -> str:

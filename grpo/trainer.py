@@ -579,8 +579,8 @@ class GRPOTrainer:
     def _step(self, step: int, iteration: int, optimizer, scheduler, bar) -> None:
         start = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
+        ro = self.rollout(step)
         with reproducible(self.device):  # bit-identical reruns and resumes on the CPU
-            ro = self.rollout(step)
             stats = self.update(ro, optimizer, scheduler, step)
         seconds = time.perf_counter() - start
         metrics = self._step_metrics(ro, stats, lr, seconds)

@@ -214,9 +214,11 @@ def test_reproducible_gives_bit_identical_cpu_backwards_and_restores_the_flags()
     torch.use_deterministic_algorithms(False)
     with device.reproducible(torch.device("cpu")):
         assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory  # costs time only
         grads = _repeated_index_backward(20)
     assert all(torch.equal(grads[0], g) for g in grads[1:])
     assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory  # torch's default, restored
 
 
 def test_reproducible_leaves_cuda_kernels_alone(monkeypatch):
