@@ -441,6 +441,8 @@ def test_doctests() -> None:
         ("1/5", "0.2"),  # a factor 5 in the denominator
         ("1/25", "0.04"),  # two of them
         ("1/20", "0.05"),  # a leading zero after the point
+        # 1 / (2 * 5**30): exact only in integer arithmetic (5**30 > 2**53)
+        ("1/1862645149230957031250", "0.000000000000000000000536870912"),
         ("-.5", "-0.5"),  # a signed bare decimal
         ("1" * 101 + "/2", None),  # numerator past the fraction digit limit
         ("2" * 100 + "/2", "1" * 100),  # numerator at the limit

@@ -124,15 +124,16 @@ def _expected(trainer, model, ro, loss_type: str):
     return {n: p.detach() for n, p in twin.named_parameters()}, stats | {"grad_norm": norm.item()}
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_update_is_the_full_batch_loss_step(tmp_path, loss_type):
-    trainer, model, _ = _trainer(tmp_path, loss_type=loss_type)
+@pytest.mark.parametrize(("loss_type", "beta"), [("grpo", 0.04), ("dapo", 0.0), ("dr_grpo", 0.04)])
+def test_update_is_the_full_batch_loss_step(tmp_path, loss_type, beta):
+    trainer, model, _ = _trainer(tmp_path, loss_type=loss_type, beta=beta)
     ro = trainer.rollout(0)
     _cut(ro)
     weights, expected = _expected(trainer, model, ro, loss_type)
     optimizer, scheduler = _sgd(model)
     stats = trainer.update(ro, optimizer, scheduler)
-    assert expected["clip_ratio"] > 0 and expected["kl"] > 0  # the second update is off-policy
+    assert expected["clip_ratio"] > 0  # the second update is off-policy
+    assert (expected["kl"] > 0) == (beta > 0)  # beta 0: no reference at all
     for key, value in expected.items():
         assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
     assert stats["nonfinite_skipped"] == 0.0
