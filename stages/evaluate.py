@@ -45,13 +45,13 @@ def _write_outputs(args, predictions: list[dict[str, Any]], metrics: dict[str, A
 def main(args) -> None:
     params = config.load(args.params)
     check_writable(args.metrics, args.predictions)
+    preflight.check_evaluate(params, args.model)  # the machine first, before any file is read
     model.check_model_dir(args.model)  # a folder, never a hub id: no hub error for a typo
     copy_of = model.sft_copy_of(args.model)
     if copy_of is not None:
         _write_outputs(args, [], skipped_metrics(copy_of))
         log.info("%s: unchanged copy of %s, not evaluated again", args.model, copy_of)
         return
-    preflight.check_evaluate(params, args.model)
     records = read_jsonl(args.data, strings=("id", "question", "gold"))
     source = model.ModelSource("dir", args.model)
     tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
