@@ -48,6 +48,7 @@ TARGETS = {
             "tests/test_trainer_wiring.py",
             "tests/test_trl_oracle.py",
             "tests/test_trainer_mutants.py",
+            "tests/test_lora.py",  # the LoRA reference branch of rollout
         ),
         ("xǁGRPOTrainerǁrollout", "xǁGRPOTrainerǁupdate", "x__micro_batches"),
         (  # ~10 s each; they check that runs repeat, which the faster tests check by value

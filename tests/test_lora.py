@@ -171,6 +171,31 @@ def test_lora_reference_is_the_base_with_adapters_disabled_and_nothing_is_copied
     assert not torch.allclose(with_adapters, expected, atol=1e-3)  # the adapters matter
 
 
+def test_lora_with_beta_zero_computes_no_reference_logprobs(tmp_path, monkeypatch):
+    """beta 0 has no KL term: the adapters-off forward would be pure waste."""
+    tokenizer = tiny.build_tokenizer()
+    policy, _ = _lora_policy(tokenizer)
+    trainer = GRPOTrainer(
+        policy,
+        tokenizer,
+        _records(),
+        _cfg(beta=0.0, num_steps=1),
+        LengthReward(),
+        system="Respond",
+        eos_ids=[2],
+        checkpoint_dir=tmp_path / "checkpoints",
+        progress=False,
+    )
+    trainer._start_iteration(0, None)
+
+    def no_base_forward():
+        raise AssertionError("the adapters were disabled for a reference forward")
+
+    monkeypatch.setattr(trainer.policy, "disable_adapter", no_base_forward)
+    ro = trainer.rollout(1)
+    assert ro.ref_logp is None
+
+
 def test_lora_refuses_more_than_one_iteration(tmp_path):
     tokenizer = tiny.build_tokenizer()
     policy, _ = _lora_policy(tokenizer)
