@@ -133,23 +133,28 @@ def _no_model_copies(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "__deepcopy__", refuse, raising=False)
 
 
-def test_lora_reference_is_the_base_with_adapters_disabled_and_nothing_is_copied(
-    tmp_path, monkeypatch
-):
-    tokenizer = tiny.build_tokenizer()
-    policy, reference = _lora_policy(tokenizer)
-    _no_model_copies(monkeypatch)
-    trainer = GRPOTrainer(
+def _lora_trainer(policy, tokenizer, cfg, tmp_path) -> GRPOTrainer:
+    """A trainer of the tiny fixture's records around a LoRA `policy`."""
+    return GRPOTrainer(
         policy,
         tokenizer,
         _records(),
-        _cfg(beta=0.04, num_steps=1),
+        cfg,
         LengthReward(),
         system="Respond",
         eos_ids=[2],
         checkpoint_dir=tmp_path / "checkpoints",
         progress=False,
     )
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled_and_nothing_is_copied(
+    tmp_path, monkeypatch
+):
+    tokenizer = tiny.build_tokenizer()
+    policy, reference = _lora_policy(tokenizer)
+    _no_model_copies(monkeypatch)
+    trainer = _lora_trainer(policy, tokenizer, _cfg(beta=0.04, num_steps=1), tmp_path)
     assert trainer.ref is None  # no second model
     optimizer, _ = trainer._start_iteration(0, None)
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -175,17 +180,7 @@ def test_lora_with_beta_zero_computes_no_reference_logprobs(tmp_path, monkeypatc
     """beta 0 has no KL term: the adapters-off forward would be pure waste."""
     tokenizer = tiny.build_tokenizer()
     policy, _ = _lora_policy(tokenizer)
-    trainer = GRPOTrainer(
-        policy,
-        tokenizer,
-        _records(),
-        _cfg(beta=0.0, num_steps=1),
-        LengthReward(),
-        system="Respond",
-        eos_ids=[2],
-        checkpoint_dir=tmp_path / "checkpoints",
-        progress=False,
-    )
+    trainer = _lora_trainer(policy, tokenizer, _cfg(beta=0.0, num_steps=1), tmp_path)
     trainer._start_iteration(0, None)
 
     def no_base_forward():
@@ -200,17 +195,7 @@ def test_lora_refuses_more_than_one_iteration(tmp_path):
     tokenizer = tiny.build_tokenizer()
     policy, _ = _lora_policy(tokenizer)
     with pytest.raises(UserError, match=r"train\.num_iterations: 2 with LoRA"):
-        GRPOTrainer(
-            policy,
-            tokenizer,
-            _records(),
-            _cfg(num_iterations=2),
-            LengthReward(),
-            system="Respond",
-            eos_ids=[2],
-            checkpoint_dir=tmp_path / "checkpoints",
-            progress=False,
-        )
+        _lora_trainer(policy, tokenizer, _cfg(num_iterations=2), tmp_path)
 
 
 def test_lora_keeps_a_bf16_base_and_fp32_adapters():
