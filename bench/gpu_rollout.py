@@ -38,8 +38,10 @@ import gpu_fixtures as fx
 
 from grpo import model
 from grpo.device import autocast
+from grpo.generation import generate, generation_config
+from grpo.prompts import chat_prompt
 from grpo.rewards import RewardFunctions
-from grpo.rollout import Sampling, chat_prompt, generate, generation_config, row_seeds
+from grpo.sampling import Sampling, row_seeds
 from grpo.trainer import GRPOTrainer
 
 

@@ -36,7 +36,9 @@ import torch
 
 from grpo import llama_step, model, skinny_gemm
 from grpo.data import read_jsonl
-from grpo.rollout import Sampling, chat_prompt, generate, generation_config, row_seeds
+from grpo.generation import generate, generation_config
+from grpo.prompts import chat_prompt
+from grpo.sampling import Sampling, row_seeds
 
 SYSTEM = (
     "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"

@@ -19,7 +19,7 @@ same seeds) with less work around it:
   (the copy of its sampled tokens) and sends it only the next tokens (and, when rows leave,
   which rows stay).
 
-`grpo.rollout.generate` uses it whenever the model allows; the HF path stays for FSDP
+`grpo.generation.generate` uses it whenever the model allows; the HF path stays for FSDP
 (`synced_gpus`) and stop strings.
 """
 

@@ -16,8 +16,10 @@ from typing import Any
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo.generation import generate, generation_config
+from grpo.prompts import chat_prompt
 from grpo.rewards import grade
-from grpo.rollout import Sampling, chat_prompt, generate, generation_config, row_seeds
+from grpo.sampling import Sampling, row_seeds
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from grpo import config, device, model
 from grpo.errors import UserError
+from grpo.generation import generate, generation_config
+from grpo.prompts import chat_prompt
 from grpo.rewards import extract_last_number, extract_tagged_answer
-from grpo.rollout import Sampling, chat_prompt, generate, generation_config, row_seeds
+from grpo.sampling import Sampling, row_seeds
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 

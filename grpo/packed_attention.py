@@ -1,6 +1,6 @@
 """Attention over a packed GRPO group that skips the blocks its mask rules out.
 
-Owns the attention used when scoring packed groups (`grpo.rollout.pack_group`: a prompt of P
+Owns the attention used when scoring packed groups (`grpo.scoring.pack_group`: a prompt of P
 tokens, then completion slots back to back, slot s of its own length T_s; a slot sees the
 prompt and, causally, itself). Plain SDPA with that (P + ΣT_s)^2 mask computes every
 masked-out slot-to-slot block too; here the prompt attends to itself, and each slot attends to

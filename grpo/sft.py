@@ -22,7 +22,8 @@ from grpo.config import SftConfig
 from grpo.data import sft_completion
 from grpo.device import autocast, reproducible
 from grpo.errors import UserError
-from grpo.rollout import chat_prompt
+from grpo.prompts import chat_prompt
+from grpo.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -91,9 +92,8 @@ def train_sft(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
-    warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0
+        optimizer, lr_factor("constant", cfg.warmup_steps, total)
     )
     device = next(model.parameters()).device
     order_rng = random.Random(cfg.seed)

@@ -2,7 +2,8 @@
 
 Owns the order of one GRPO step (numbered below) and the state a run carries: the prompt sampler
 position, optimizer, scheduler and RNG states (all in each checkpoint, ready for resume). Loss
-math lives in `grpo.loss`, generation and log-probs in `grpo.rollout`, rewards in `grpo.rewards`.
+math lives in `grpo.loss`, generation in `grpo.generation`, log-probs in `grpo.scoring`, rewards
+in `grpo.rewards`.
 
 Differences from the tutorial, each on purpose (see SEED.md): rollouts use the KV cache in eval
 mode and sample the raw policy; master weights and AdamW states stay fp32 (bf16 autocast only on
@@ -32,19 +33,18 @@ from grpo import checkpoint, distributed
 from grpo.config import TrainConfig
 from grpo.device import autocast, reproducible
 from grpo.errors import UserError
-from grpo.loss import group_advantages, grpo_loss, zero_std_fraction
-from grpo.rewards import RewardFunctions
-from grpo.rollout import (
+from grpo.generation import (
     ANSWER_CLOSE,
     Generated,
-    Sampling,
-    chat_prompt,
-    completion_logprobs,
     generate,
     generation_config,
-    row_seeds,
     truncate_at_answer,
 )
+from grpo.loss import group_advantages, grpo_loss, zero_std_fraction
+from grpo.prompts import chat_prompt
+from grpo.rewards import RewardFunctions
+from grpo.sampling import Sampling, row_seeds
+from grpo.scoring import completion_logprobs
 
 log = logging.getLogger(__name__)
 

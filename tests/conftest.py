@@ -32,6 +32,14 @@ def _signal_handlers():
         signal.signal(s, handler)
 
 
+@pytest.fixture(scope="module")
+def lm():
+    """A tiny random llama-shaped model in eval mode and its tokenizer."""
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.build_model(tokenizer).eval()
+    return model, tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return tiny.write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -18,7 +18,7 @@ import torch
 
 import grpo
 from grpo.packed_attention import NAME
-from grpo.rollout import completion_logprobs
+from grpo.scoring import completion_logprobs
 
 
 def _batch(vocab: int):

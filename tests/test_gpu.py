@@ -31,14 +31,9 @@ import yaml
 from grpo import config, device, model, preflight, preset
 from grpo.data import write_jsonl_atomic
 from grpo.evaluate import evaluate
-from grpo.rollout import (
-    Sampling,
-    chat_prompt,
-    generate,
-    generation_config,
-    row_seeds,
-    stream_uniforms,
-)
+from grpo.generation import generate, generation_config
+from grpo.prompts import chat_prompt
+from grpo.sampling import Sampling, row_seeds, stream_uniforms
 from stages import evaluate as evaluate_stage
 
 SMOKE = fx.smoke()

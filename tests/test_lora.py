@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from grpo import config, distributed, model
 from grpo.config import Params
 from grpo.errors import UserError
-from grpo.rollout import completion_logprobs
+from grpo.scoring import completion_logprobs
 from grpo.trainer import GRPOTrainer
 from stages import train as train_stage
 

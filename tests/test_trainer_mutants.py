@@ -1,5 +1,5 @@
 """GRPOTrainer.rollout and .update checked value by value against the pieces they wire together
-(grpo.loss, grpo.rollout): tests that kill the trainer mutants `make mutate` found alive.
+(grpo.loss, grpo.scoring): tests that kill the trainer mutants `make mutate` found alive.
 
 One tiny model, one rollout with completions cut at varied lengths (as if EOS had come), then the
 trainer's micro-batched update is compared with one full-batch `grpo_loss` on a copy of the model.
@@ -18,8 +18,11 @@ import torch
 
 from grpo import config
 from grpo import trainer as trainer_module
+from grpo.generation import generate
 from grpo.loss import group_advantages, grpo_loss
-from grpo.rollout import chat_prompt, completion_logprobs, generate, row_seeds
+from grpo.prompts import chat_prompt
+from grpo.sampling import row_seeds
+from grpo.scoring import completion_logprobs
 from grpo.trainer import GRPOTrainer, NonFiniteError, _micro_batches
 
 

@@ -17,7 +17,7 @@ import torch
 
 from grpo import config
 from grpo.loss import grpo_loss
-from grpo.rollout import completion_logprobs
+from grpo.scoring import completion_logprobs
 from grpo.trainer import GRPOTrainer
 
 EOS = 2

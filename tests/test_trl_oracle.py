@@ -20,8 +20,9 @@ from trl import GRPOConfig
 from trl import GRPOTrainer as TRLTrainer
 
 from grpo import config
+from grpo.generation import Generated
 from grpo.loss import group_advantages
-from grpo.rollout import Generated, completion_logprobs
+from grpo.scoring import completion_logprobs
 from grpo.trainer import GRPOTrainer, Rollout
 
 G = 4  # completions per prompt

@@ -146,3 +146,27 @@ def write_tiny_model(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+SYSTEM = "Respond in the following format"
+
+
+def attentive(model):
+    """`model` with embeddings x5 and attention weights x10: at HF's initialization the logits
+    are so flat and the attention output so small that zeroing attention changes no token, so
+    a token comparison could not notice broken attention."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(5)
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                proj.weight.mul_(10)
+    return model
+
+
+def fixture_prompts(tokenizer, n=3):
+    """Chat prompts of the first `n` fixture training questions."""
+    from grpo.prompts import chat_prompt
+
+    questions = [q for q, _ in GSM8K_ROWS["train"][:n]]
+    return [chat_prompt(tokenizer, q, SYSTEM) for q in questions]
