@@ -34,6 +34,16 @@ _TRACKING = [True]
 TRACE_ENV = "GRPO_PARAMS_TRACE"
 
 
+ScaleRewards = Literal["group", "none"]
+"""How rewards become advantages (`grpo.loss.group_advantages`)."""
+LossType = Literal["grpo", "dr_grpo", "dapo"]
+"""How token losses aggregate into one scalar (`grpo.loss.grpo_loss`)."""
+LrScheduler = Literal["constant", "linear", "cosine"]
+"""The learning-rate shape after warm-up (`grpo.schedule.lr_factor`)."""
+SCALE_REWARDS: tuple[str, ...] = typing.get_args(ScaleRewards)
+LOSS_TYPES: tuple[str, ...] = typing.get_args(LossType)
+
+
 class ConfigError(UserError):
     """params.yaml is invalid."""
 
@@ -232,7 +242,7 @@ class TrainConfig(_Section):
     """KL coefficient (k3 estimator); 0 skips the reference model entirely."""
     learning_rate: float
     """Peak AdamW learning rate."""
-    lr_scheduler: Literal["constant", "linear", "cosine"]
+    lr_scheduler: LrScheduler
     """Schedule after warm-up, over the optimizer updates of one iteration."""
     warmup_steps: int
     """Linear warm-up, in optimizer updates."""
@@ -242,9 +252,9 @@ class TrainConfig(_Section):
     """Clip range: ratio clipped to [1 - epsilon, 1 + epsilon_high]."""
     epsilon_high: float | None
     """Upper clip (DAPO clip-higher); null = epsilon."""
-    scale_rewards: Literal["group", "none"]
+    scale_rewards: ScaleRewards
     """group = divide advantages by the group std (GRPO); none = Dr. GRPO."""
-    loss_type: Literal["grpo", "dr_grpo", "dapo"]
+    loss_type: LossType
     """Token aggregation: per-sequence mean then mean (grpo, tutorial), dr_grpo, dapo."""
     max_grad_norm: float
     """Gradient-norm clip (tutorial: 0.1)."""
@@ -304,16 +314,23 @@ class TrainConfig(_Section):
         _check(self.save_every >= 0, "train.save_every", "must be >= 0")
         nproc = self.nproc_per_node
         _check(nproc == "auto" or nproc >= 1, "train.nproc_per_node", "must be >= 1 or auto")
-        rows = self.batch_size * self.num_generations
-        if isinstance(nproc, int):  # rows split over processes in any count, one row at least
-            _check(
-                rows >= nproc,
-                "train.batch_size",
-                f"{self.batch_size} prompts x {self.num_generations} generations = {rows} rows, "
-                f"fewer than nproc_per_node={nproc} processes",
-                f"set train.batch_size to {-(-nproc // self.num_generations)} or more, or lower "
-                f"train.nproc_per_node",
-            )
+        if isinstance(nproc, int):  # auto: the stage checks the count it finds
+            check_batch_split(self, nproc, counted="nproc_per_node=")
+
+
+def check_batch_split(cfg: TrainConfig, processes: int, counted: str = "") -> None:
+    """ConfigError unless each of `processes` gets one row of the global batch at least (the
+    batch_size x num_generations rows split over processes in any count); `counted` prefixes
+    the count in the message (`nproc_per_node=` when it is the params value)."""
+    rows = cfg.batch_size * cfg.num_generations
+    _check(
+        rows >= processes,
+        "train.batch_size",
+        f"{cfg.batch_size} prompts x {cfg.num_generations} generations = {rows} rows, "
+        f"fewer than {counted}{processes} processes",
+        f"set train.batch_size to {-(-processes // cfg.num_generations)} or more, or lower "
+        f"train.nproc_per_node",
+    )
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -21,17 +21,12 @@ tensor([-1.,  0.,  1.,  0.,  0.,  0.])
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-ScaleRewards = Literal["group", "none"]
-LossType = Literal["grpo", "dr_grpo", "dapo"]
-SCALE_REWARDS: tuple[str, ...] = typing.get_args(ScaleRewards)
-LOSS_TYPES: tuple[str, ...] = typing.get_args(LossType)
+from grpo.config import LOSS_TYPES, SCALE_REWARDS, LossType, ScaleRewards
 
 
 def _groups(rewards: Tensor, group_size: int) -> Tensor:
