@@ -14,8 +14,8 @@ The function is registered with HF's attention and mask interfaces under `NAME`;
 that trains with it attends with it for good (`use_packed_attention`): gradient checkpointing
 recomputes a layer in the backward with whatever attention the config names then, so a switch
 for the duration of the forward only would recompute with plain SDPA and save other tensors.
-`packed_attention` switches any model for the duration of a forward without backward (the
-packed prefill of `grpo.llama_step`).
+`packed_attention(config)` switches a model's config to it for the duration of a forward
+without backward (`grpo.decoding.packed_prefill`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def packed_sdpa_forward(
         prompt = _sdpa(
             query[:, :, :P], key[:, :, :P], value[:, :, :P], attention_mask[:, :, :P, :P], scaling
         )  # (m, H, P, D)
-    else:  # no shared prompt: segments that each attend to themselves (grpo.llama_step.prefill)
+    else:  # no shared prompt: segments that each attend to themselves (packed prefill)
         prompt = query.new_zeros(m, H, 0, D)
     rows = []
     for i, slots in enumerate(sequences):

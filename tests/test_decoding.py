@@ -9,8 +9,9 @@ from tiny import fixture_prompts
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
-from grpo import llama_step, skinny_gemm
-from grpo.decode import SMALL_BATCH, few_rows_linears
+from grpo.decoding import llama, packed_prefill
+from grpo.decoding.hf_steps import SMALL_BATCH, few_rows_linears
+from grpo.kernels import skinny_gemm
 from grpo.scoring import sequence_inputs
 
 BUILDABLE = tiny.KERNELS_BUILDABLE
@@ -21,13 +22,13 @@ BUILDABLE = tiny.KERNELS_BUILDABLE
 def test_llama_step_logits_equal_the_full_forward(lm, arch, kernel, monkeypatch):
     """Teacher-forced steps over the shared-prefix cache, rows dropped midway: each step's
     logits equal those of the HF forward over the whole sequence (prompt + tokens so far), with
-    the layers in grpo/llama_step.c and in plain torch. Covers q/k/v biases (qwen2) and biases
+    the layers in csrc/llama_step.c and in plain torch. Covers q/k/v biases (qwen2) and biases
     on every projection (llama with attention_bias and mlp_bias), which the step's stacked
     q/k/v and gate/up GEMMs carry, and left-padded prompts of different lengths."""
     if kernel and not BUILDABLE:
         pytest.skip("the C kernels need x86-64 with AVX2 and a C compiler")
     if not kernel:
-        monkeypatch.setattr(llama_step, "fused_applies", lambda model, mask: False)
+        monkeypatch.setattr(llama, "fused_applies", lambda model, mask: False)
     _, tokenizer = lm
     if arch == "llama-biases":
         model = tiny.build_model(tokenizer, seed=1, attention_bias=True, mlp_bias=True).eval()
@@ -42,11 +43,11 @@ def test_llama_step_logits_equal_the_full_forward(lm, arch, kernel, monkeypatch)
     prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
     B, G, steps = prompt_ids.shape[0], 3, 6
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    keys, values, first = llama_step.prefill(model, prompt_ids, prompt_mask)  # packed prompts
+    keys, values, first = packed_prefill.prefill(model, prompt_ids, prompt_mask)  # packed prompts
     with torch.no_grad():
         padded = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions)
     torch.testing.assert_close(first, padded.logits[:, -1], rtol=1e-4, atol=1e-5)
-    state = llama_step.SharedPrefixSteps(model, keys, values, prompt_mask, G, steps)
+    state = llama.SharedPrefixSteps(model, keys, values, prompt_mask, G, steps)
     assert state.kernel == kernel
     assert len(set(prompt_mask.sum(dim=1).tolist())) > 1  # prompts of different lengths
     fed = torch.randint(3, model.config.vocab_size, (B * G, steps))  # (N, steps)
@@ -96,8 +97,8 @@ def test_llama_step_casts_its_weights_once_per_decode_under_autocast(lm, monkeyp
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     fed = torch.randint(3, model.config.vocab_size, (B * G, steps))  # (N, steps)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        keys, values, _ = llama_step.prefill(model, prompt_ids, prompt_mask)
-        state = llama_step.SharedPrefixSteps(model, keys, values, prompt_mask, G, steps)
+        keys, values, _ = packed_prefill.prefill(model, prompt_ids, prompt_mask)
+        state = llama.SharedPrefixSteps(model, keys, values, prompt_mask, G, steps)
         assert not state.kernel and state.dtype == torch.bfloat16
         fused = state.fused[0]
         cast = (fused.qkv, fused.qkv_bias, fused.gate_up, fused.o, fused.down, state.head)
@@ -123,12 +124,12 @@ def test_prefill_packs_prompts_into_the_kv_of_the_padded_batch(lm, budget, monke
     """Packed prefill (real tokens back to back, in calls of up to PREFILL_TOKENS) gives the
     padded batch's next-token logits and, on every real position, its keys and values."""
     model, tokenizer = lm
-    monkeypatch.setattr(llama_step, "PREFILL_TOKENS", budget)
+    monkeypatch.setattr(packed_prefill, "PREFILL_TOKENS", budget)
     enc = tokenizer(
         fixture_prompts(tokenizer, 3), return_tensors="pt", padding=True, padding_side="left"
     )
     prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
-    keys, values, logits = llama_step.prefill(model, prompt_ids, prompt_mask)
+    keys, values, logits = packed_prefill.prefill(model, prompt_ids, prompt_mask)
     cache = DynamicCache(config=model.config)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -151,19 +152,19 @@ def test_prefill_packs_prompts_into_the_kv_of_the_padded_batch(lm, budget, monke
 def test_llama_step_supports_only_what_it_reproduces(lm):
     _, tokenizer = lm
     model = tiny.build_model(tokenizer)
-    assert llama_step.supported(model)
+    assert llama.supported(model)
 
     class Adapted(torch.nn.Linear):
         pass
 
     layer = model.model.layers[1].self_attn
     layer.q_proj = Adapted(layer.q_proj.in_features, layer.q_proj.out_features, bias=False)
-    assert not llama_step.supported(model)  # e.g. a LoRA-wrapped projection
+    assert not llama.supported(model)  # e.g. a LoRA-wrapped projection
     model = tiny.build_model(tokenizer)
     model.config.layer_types = ["full_attention", "sliding_attention"]
-    assert not llama_step.supported(model)
+    assert not llama.supported(model)
     model.config.model_type = "gemma"
-    assert not llama_step.supported(model)
+    assert not llama.supported(model)
 
 
 def test_few_rows_linears_compute_the_same_and_restore_the_layers():

@@ -9,8 +9,7 @@ import tiny
 import torch
 from tiny import attentive, fixture_prompts
 
-from grpo import llama_step
-from grpo.decode import decode
+from grpo.decoding import decode, llama
 from grpo.generation import (
     completion_mask,
     generate,
@@ -123,19 +122,22 @@ def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monk
     _, tokenizer = lm
     arch = "qwen2" if path == "qwen2" else "llama"
     model = attentive(tiny.build_model(tokenizer, arch=arch)).eval()
-    assert llama_step.supported(model)
+    assert llama.supported(model)
     if path == "any-architecture":
-        monkeypatch.setattr(llama_step, "supported", lambda m: False)
+        monkeypatch.setattr(llama, "supported", lambda m: False)
     if path == "llama-torch-step":
-        monkeypatch.setattr(llama_step, "fused_applies", lambda model, mask: False)
+        monkeypatch.setattr(llama, "fused_applies", lambda model, mask: False)
     elif path != "any-architecture":
-        assert llama_step.fused_applies(model, torch.ones(1, 1)) == BUILDABLE
+        assert llama.fused_applies(model, torch.ones(1, 1)) == BUILDABLE
     drops = []
-    if path == "llama-4-columns":
-        monkeypatch.setattr(llama_step, "COLUMN_BLOCK", 4)
-        keep_rows = llama_step.SharedPrefixSteps.drop
+    if path == "llama-4-columns":  # the llama step's drop rule with blocks of 4 columns
+        steps = llama.SharedPrefixSteps
         monkeypatch.setattr(
-            llama_step.SharedPrefixSteps,
+            steps, "should_drop", lambda self, live, held: -(-live // 4) < -(-held // 4)
+        )
+        keep_rows = steps.drop
+        monkeypatch.setattr(
+            steps,
             "drop",
             lambda self, keep: drops.append(len(keep)) or keep_rows(self, keep),
         )

@@ -1,12 +1,11 @@
-"""The few-column fp32 GEMM of CPU decode steps: W (O, K) @ x (K, n) for n = 16, 32, 48, 64.
+"""The few-column fp32 GEMM of CPU decode steps: W (O, K) @ x (K, n), n a multiple of 16.
 
-Owns `grpo/skinny_gemm.c` (AVX2 + FMA, OpenMP; built and loaded by `grpo.kernels`). MKL packs W
-into its own layout on every call, which at 16-32 columns costs about as much as the multiply;
-the kernel reads each block of W rows once. Measured on this project's 2-core AVX2 CPU with
-SmolLM2-135M's weights: all of a decode step's GEMMs in 51 ms vs MKL's 80 ms at 16 columns,
-83 ms vs 126 ms at 32.
+Owns `csrc/skinny_gemm.c` (AVX2 + FMA, OpenMP; built and loaded by `grpo.kernels`) and the
+column block every decode-step operand is padded to. MKL packs W into its own layout on every
+call, which at 16-32 columns costs about as much as the multiply; the kernel reads each block of
+W rows once (README "Performance" has the measured speed-up).
 
-`mm` uses the kernel when it applies (CPU, fp32, contiguous, n a multiple of 16 up to
+`mm` uses the kernel when it applies (CPU, fp32, contiguous, n a multiple of COLUMN_BLOCK up to
 MAX_COLUMNS) and `torch.mm` otherwise (also where `grpo.kernels` cannot build the library).
 """
 
@@ -16,7 +15,13 @@ import torch
 
 from grpo.kernels import library
 
+COLUMN_BLOCK = 16  # csrc/skinny_gemm.c and csrc/llama_step.c take x's columns 16 at a time
 MAX_COLUMNS = 64  # beyond this MKL's GEMM is as fast (its packing cost is spread over more columns)
+
+
+def column_width(n: int) -> int:
+    """n columns rounded up to a multiple of COLUMN_BLOCK: the width of a kernel operand."""
+    return -(-n // COLUMN_BLOCK) * COLUMN_BLOCK
 
 
 def applies(weight: torch.Tensor, xt: torch.Tensor) -> bool:
@@ -27,7 +32,7 @@ def applies(weight: torch.Tensor, xt: torch.Tensor) -> bool:
         and weight.dtype == xt.dtype == torch.float32
         and weight.is_contiguous()
         and xt.is_contiguous()
-        and n % 16 == 0
+        and n % COLUMN_BLOCK == 0
         and 0 < n <= MAX_COLUMNS
         and not (torch.is_grad_enabled() and (weight.requires_grad or xt.requires_grad))
         and library() is not None

@@ -1,4 +1,4 @@
-/* Vector math of the C kernels (grpo/llama_step.c, grpo/rollout.c): AVX2 + FMA. */
+/* Vector math of the C kernels (llama_step.c, gumbel.c): AVX2 + FMA. */
 #ifndef GRPO_VECTOR_MATH_H
 #define GRPO_VECTOR_MATH_H
 

@@ -4,12 +4,12 @@
  * RMSNorm -> q/k/v GEMM (+bias) -> rotary -> append k, v -> attention over [prompt KV, own KV]
  * -> o GEMM -> residual -> RMSNorm -> gate/up GEMM -> SiLU(gate) * up -> down GEMM -> residual,
  * then the final RMSNorm. In torch this is ~40 small ops per layer whose dispatch costs more than
- * their arithmetic at 16-64 rows; here it is plain loops around `skinny_gemm`.
+ * their arithmetic at 16-64 rows; in C it is plain loops around `skinny_gemm`.
  *
  * Layout: the residual stream and every activation are feature-major, (features, width): column
  * r is live row r, width a multiple of 16 (the GEMM's column block; the padding columns are
  * computed and never read). KV caches are (rows, kv heads, tokens, head dim) as in
- * grpo/llama_step.py. Built with skinny_gemm.c into one library by grpo/skinny_gemm.py.
+ * grpo/decoding/llama.py. Built with the other csrc/ files into one library by grpo/kernels.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -92,7 +92,7 @@ static void add_bias(float *y, const float *bias, long O, long width) {
             y[o * width + r] += bias[o];
 }
 
-/* Shapes and settings of a step; the caller fills it (see grpo/llama_step.py). */
+/* Shapes and settings of a step; the caller fills it (see grpo/decoding/llama.py). */
 typedef struct {
     long layers, hidden, heads, kv_heads, head_dim, inner;
     long groups, group, prefix, capacity;  /* B prompts, G rows each, P prompt tokens, KV cap */

@@ -1,6 +1,7 @@
-"""One decode step of a Llama-family model in plain torch, over a KV cache that shares prompts.
+"""One decode step of a Llama-family model (torch, or one C call), over a KV cache that shares
+prompts.
 
-Owns the fast path of `grpo.decode` for the architectures whose decoder layer is exactly
+Owns the fast path of `grpo.decoding` for the architectures whose decoder layer is exactly
 RMSNorm -> attention (q/k/v/o projections, rotary, grouped-query) -> RMSNorm -> gated MLP:
 `llama` and `qwen2` (SmolLM2 and Qwen2.5). It computes what the HF modules compute, with the
 model's own weights, rotary embedding and activation, and less work around it:
@@ -10,16 +11,16 @@ model's own weights, rotary embedding and activation, and less work around it:
   scores [its prompt's keys, its own keys] and one softmax covers both, which is exactly
   attention over the concatenated sequence;
 - the residual stream is kept transposed (hidden, rows), so every linear layer is one
-  weight-stationary GEMM W @ x, run by `grpo.skinny_gemm` on CPU (1.5x MKL's speed at 16-32
-  rows here; MKL in turn runs W @ x^T up to 1.8x faster than x @ W^T);
+  weight-stationary GEMM W @ x, run by `grpo.kernels.skinny_gemm` on CPU (MKL, its fallback,
+  also runs W @ x^T faster than x @ W^T at a few rows);
 - no masks, cache objects, hooks or output classes are built per step;
 - on CPU in fp32, where `grpo.kernels` is built (`fused_applies`), all decoder layers of a step
-  run in one call of `grpo/llama_step.c`: the ~40 torch ops per layer around the GEMMs cost
-  more dispatch time than arithmetic at 16-64 rows (measured on SmolLM2-135M at 32 rows:
-  80 ms per step vs 110 ms in torch). The torch code below stays for GPUs, other dtypes and
-  machines without the kernels, and both are tested against the HF forward.
+  run in one call of `csrc/llama_step.c`: the ~40 torch ops per layer around the GEMMs cost
+  more dispatch time than arithmetic at 16-64 rows. The torch code below stays for GPUs, other
+  dtypes and machines without the kernels, and both are tested against the HF forward.
 
-`supported` says whether a model qualifies; everything else takes the HF path of `grpo.decode`.
+The prompts are prefilled by `grpo.decoding.packed_prefill`. `supported` says whether a model
+qualifies; everything else takes the HF path (`grpo.decoding.hf_steps`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from __future__ import annotations
 import ctypes
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.activations import SiLUActivation
 
-from grpo import kernels, skinny_gemm
-from grpo.packed_attention import packed_attention
+from grpo import kernels
+from grpo.decoding.packed_prefill import left_padded
+from grpo.kernels import skinny_gemm
+from grpo.kernels.skinny_gemm import column_width
 
 ARCHITECTURES = ("llama", "qwen2")
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -63,14 +66,7 @@ def supported(model: torch.nn.Module) -> bool:
     return True
 
 
-SILU = (torch.nn.SiLU, SiLUActivation)  # the activations grpo/llama_step.c computes
-
-COLUMN_BLOCK = 16  # x of W @ x gets a multiple of 16 columns (what the GEMMs run fastest)
-
-
-def column_width(n: int) -> int:
-    """n columns rounded up to a multiple of COLUMN_BLOCK."""
-    return -(-n // COLUMN_BLOCK) * COLUMN_BLOCK
+SILU = (torch.nn.SiLU, SiLUActivation)  # the activations csrc/llama_step.c computes
 
 
 def _linear(weight: torch.Tensor, bias, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -81,7 +77,7 @@ def _linear(weight: torch.Tensor, bias, x: torch.Tensor, n: int) -> torch.Tensor
 
 def _logits(weight: torch.Tensor, bias, x: torch.Tensor, n: int) -> torch.Tensor:
     """The LM head on the first n columns of x (C, width): logits (n, V), one row per sequence
-    (the kernel writes them so; the transpose of a (V, n) result cost 2.5 ms per step)."""
+    (the kernel writes them so, sparing the copy a transpose of a (V, n) result would make)."""
     logits = skinny_gemm.mm(weight, x, transposed=True)[:n]  # (n, V)
     return logits if bias is None else logits + bias
 
@@ -140,75 +136,8 @@ def _rotate(xt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return xt * cos + rotated * sin
 
 
-def left_padded(mask: torch.Tensor) -> bool:
-    """True when each row of the (B, P) attention mask is zeros, then ones."""
-    P = mask.shape[1]
-    first = P - mask.sum(dim=1, keepdim=True)  # (B, 1)
-    return torch.equal(mask.bool(), torch.arange(P, device=mask.device) >= first)
-
-
-PREFILL_TOKENS = 2048  # real prompt tokens per packed prefill call (its mask has this^2 entries)
-
-
-@torch.no_grad()
-def prefill(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-    """Keys and values (per layer (B, Hkv, P, D), zeros on the left padding) and the next-token
-    logits (B, V) of B left-padded prompts (B, P).
-
-    The prompts' real tokens are packed back to back into sequences of up to PREFILL_TOKENS,
-    each prompt attending causally to itself only (`grpo.packed_attention` with no shared
-    prompt) at positions 0.. as `generate` gives them: the same KV and logits as the padded
-    batch, without computing the padding (27% of the tokens of 8 GSM8K prompts here)."""
-    B, P = prompt_ids.shape
-    lengths = prompt_mask.sum(dim=1).tolist()
-    if min(lengths) < 1 or not left_padded(prompt_mask):
-        raise ValueError("prefill needs left-padded prompts of at least one token each")
-    chunks: list[list[int]] = []  # consecutive prompts per packed sequence
-    for b, length in enumerate(lengths):
-        if not chunks or sum(lengths[i] for i in chunks[-1]) + length > PREFILL_TOKENS:
-            chunks.append([])
-        chunks[-1].append(b)
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    logits = []
-    device = prompt_ids.device
-    for chunk in chunks:
-        sizes = [lengths[b] for b in chunk]
-        ids = torch.cat([prompt_ids[b, P - lengths[b] :] for b in chunk])[None]  # (1, S)
-        positions = torch.cat([torch.arange(n, device=device) for n in sizes])[None]  # (1, S)
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        slots = tuple(zip(starts, sizes, strict=True))
-        segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # (S,)
-        causal = torch.ones(len(segment), len(segment), dtype=torch.bool).tril()  # (S, S)
-        mask = (causal & (segment[:, None] == segment[None, :]))[None, None].to(device)
-        cache = DynamicCache(config=model.config)
-        with packed_attention(model.config):
-            hidden = model.model(
-                input_ids=ids,
-                attention_mask=mask,  # (1, 1, S, S)
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                packed_layout=(0, (slots,)),
-            ).last_hidden_state  # (1, S, C)
-        ends = torch.tensor([a + n - 1 for a, n in slots], device=device)  # (b,)
-        logits.append(model.lm_head(hidden[0, ends]))  # (b, V)
-        for i, layer in enumerate(cache.layers):
-            if len(keys) <= i:
-                _, heads, _, dim = layer.keys.shape
-                keys.append(layer.keys.new_zeros(B, heads, P, dim))  # (B, Hkv, P, D)
-                values.append(layer.values.new_zeros(B, heads, P, dim))  # (B, Hkv, P, D)
-            for b, (a, n) in zip(chunk, slots, strict=True):
-                keys[i][b, :, P - n :] = layer.keys[0, :, a : a + n]
-                values[i][b, :, P - n :] = layer.values[0, :, a : a + n]
-    return keys, values, torch.cat(logits)  # L x (B, Hkv, P, D), L x (...), (B, V)
-
-
-KERNEL_COLUMNS = 16  # grpo/llama_step.c's GEMMs take this many columns at a time
-
-
 class _Shape(ctypes.Structure):
-    """The `Shape` struct of grpo/llama_step.c."""
+    """The `Shape` struct of csrc/llama_step.c."""
 
     _fields_ = [
         (name, ctypes.c_long)
@@ -236,7 +165,7 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 def fused_applies(model: PreTrainedModel, prompt_mask: torch.Tensor) -> bool:
-    """True when `grpo/llama_step.c` runs the decoder layers of this decode: the kernel library
+    """True when `csrc/llama_step.c` runs the decoder layers of this decode: the kernel library
     is built, everything is contiguous fp32 on the CPU without autocast, the activation is SiLU,
     every RMSNorm has the same epsilon, rotary covers the whole head and the prompts are
     left-padded."""
@@ -330,7 +259,7 @@ class SharedPrefixSteps:
             self._point()
 
     def _point(self) -> None:
-        """The kernel's per-layer pointer table (in grpo/llama_step.c's slot order)."""
+        """The kernel's per-layer pointer table (in csrc/llama_step.c's slot order)."""
         pointers = []
         for i, layer in enumerate(self.layers):
             fused = self.fused[i]
@@ -381,10 +310,10 @@ class SharedPrefixSteps:
         return _logits(self.head, self.head_bias, h, n)
 
     def _kernel_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """`step` with the decoder layers in grpo/llama_step.c (one call per step)."""
+        """`step` with the decoder layers in csrc/llama_step.c (one call per step)."""
         model = self.model
         n = token.shape[0]
-        width = -(-n // KERNEL_COLUMNS) * KERNEL_COLUMNS
+        width = column_width(n)
         x, scratch = self._buffers(width)  # (C, width), scratch
         embedded = model.model.embed_tokens(token)  # (n, C)
         x[:, :n] = embedded.t()
@@ -420,10 +349,9 @@ class SharedPrefixSteps:
 
     def _operand(self, xt: torch.Tensor) -> torch.Tensor:
         """xt (K, n) as a contiguous (K, width) GEMM operand in the GEMM dtype, width = n rounded
-        up to a multiple of COLUMN_BLOCK: `grpo.skinny_gemm` takes 16 or 32 columns at a time,
-        and MKL (its fallback) takes 1.7x as long at 31 columns as at 32 on this CPU. One reused
-        buffer per shape; what the padding columns hold never matters (columns of W @ x do not
-        mix)."""
+        up to a multiple of COLUMN_BLOCK: what `grpo.kernels.skinny_gemm` takes, and what MKL
+        (its fallback) runs fastest. One reused buffer per shape; what the padding columns hold
+        never matters (columns of W @ x do not mix)."""
         K, n = xt.shape
         width = column_width(n)
         if width == n and xt.is_contiguous() and xt.dtype == self.dtype:

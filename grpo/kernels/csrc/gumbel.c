@@ -4,11 +4,11 @@
  * softmax(logits / temperature). u_v is uniform number `offset + v` of the row's stream: the
  * SplitMix64 sequence of the row's seed, whose element i is mix(seed + (i + 1) * GAMMA), so any
  * element is computed directly from (seed, i), and its top 24 bits make a float in [0, 1).
- * grpo/rollout.py computes the same stream and noise in torch where the kernels are not built;
- * here drawing, the two logs, the division, the add and the argmax run over the vocabulary once
- * per row (AVX2) instead of seven passes over (rows, vocabulary) tensors. Used on the HF path and
- * on our own decode loop alike, so both pick the same token from the same logits. Ties go to the
- * lowest index, as torch.argmax.
+ * grpo/sampling.py computes the same stream and noise in torch where the kernels are not built;
+ * this kernel draws, takes the two logs, divides, adds and finds the argmax in one pass over the
+ * vocabulary per row (AVX2) instead of seven passes over (rows, vocabulary) tensors. Used on the
+ * HF path and on our own decode loop alike, so both pick the same token from the same logits.
+ * Ties go to the lowest index, as torch.argmax.
  */
 #include <float.h>
 #include <math.h>

@@ -1,12 +1,12 @@
-"""Builds and loads the project's C kernels, one shared library for all of them.
+"""The optional C kernels of CPU decoding and sampling: build, load and ctypes signatures.
 
-Owns the build: `grpo/skinny_gemm.c` (decode GEMMs, `grpo.skinny_gemm`), `grpo/llama_step.c`
-(a llama/qwen2 decode step's layers, `grpo.llama_step`) and `grpo/rollout.c` (sampling,
-`grpo.rollout`), with `grpo/vector_math.h`, all AVX2 + FMA with OpenMP on the threads torch
-already runs (same libgomp). They are compiled with the system C compiler on first use into a
-cache directory (`$GRPO_KERNEL_CACHE`, else `$XDG_CACHE_HOME/grpo-gsm8k`, else
-`~/.cache/grpo-gsm8k`), keyed by a hash of sources and flags, atomically (temp file, rename), and
-loaded with ctypes.
+Owns the build of `csrc/`: `skinny_gemm.c` (decode GEMMs, `grpo.kernels.skinny_gemm`),
+`llama_step.c` (a llama/qwen2 decode step's layers, `grpo.decoding.llama`) and `gumbel.c`
+(Gumbel-max sampling, `grpo.sampling`), with `vector_math.h`, all AVX2 + FMA with OpenMP on the
+threads torch already runs (same libgomp). They are compiled with the system C compiler on first
+use into one shared library in a cache directory (`$GRPO_KERNEL_CACHE`, else
+`$XDG_CACHE_HOME/grpo-gsm8k`, else `~/.cache/grpo-gsm8k`), keyed by a hash of sources and flags,
+atomically (temp file, rename), and loaded with ctypes.
 
 Where the library cannot be built (not x86-64 with AVX2, no compiler, a compile error)
 `library()` is None after one warning per process, and every caller takes its torch path.
@@ -30,9 +30,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-HERE = Path(__file__).parent
-SOURCES = (HERE / "skinny_gemm.c", HERE / "llama_step.c", HERE / "rollout.c")
-HEADERS = (HERE / "vector_math.h",)
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "skinny_gemm.c", CSRC / "llama_step.c", CSRC / "gumbel.c")
+HEADERS = (CSRC / "vector_math.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 

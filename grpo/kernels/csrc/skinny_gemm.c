@@ -3,9 +3,9 @@
  *
  * The GEMM of a decode step: a weight matrix times the few columns (one per live row) of the
  * transposed residual stream. MKL packs w into its own layout on every call, which at 16-32
- * columns costs about as much as the multiply; here each block of w rows is read once, straight
- * from memory, and multiplied into register accumulators (AVX2 + FMA). Built and loaded by
- * grpo/kernels.py; the OpenMP threads are the ones torch already runs (same libgomp).
+ * columns costs about as much as the multiply; this kernel reads each block of w rows once,
+ * straight from memory, into register accumulators (AVX2 + FMA). Built and loaded by
+ * grpo/kernels; the OpenMP threads are the ones torch already runs (same libgomp).
  */
 #include <immintrin.h>
 

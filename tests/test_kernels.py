@@ -1,4 +1,5 @@
-"""The decode steps' few-column GEMM kernel: same products as torch.mm, clear fallbacks."""
+"""The C kernels' build and the decode steps' few-column GEMM: same products as torch.mm, clear
+fallbacks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import tiny
 import torch
 
-from grpo import kernels, skinny_gemm
+from grpo import kernels
+from grpo.kernels import skinny_gemm
 
 BUILDABLE = tiny.KERNELS_BUILDABLE
 
@@ -73,7 +75,7 @@ def test_a_failed_build_warns_once_and_falls_back(fresh, monkeypatch, caplog):
     torch.testing.assert_close(out, weight @ xt)
     assert len(caplog.records) == 1, caplog.text
     if BUILDABLE:
-        assert "compiling skinny_gemm.c, llama_step.c, rollout.c with" in caplog.text
+        assert "compiling skinny_gemm.c, llama_step.c, gumbel.c with" in caplog.text
         assert "exit status 1" in caplog.text
     assert list(fresh.iterdir()) == []  # nothing half-written
 
