@@ -60,7 +60,7 @@ LOGIT_BYTES = 14
 gradient 4)."""
 OVERHEAD = 1 * GiB
 """CUDA context, cuBLAS workspace and allocator slack per GPU."""
-CPU_PRESET = "python -m grpo.preset apply cpu-demo"
+CPU_PRESET = "python -m stages.preset apply cpu-demo"
 MEMORY_FIX = (
     "lower train.micro_batch_size, train.num_generations or train.max_completion_length, turn "
     "on train.gradient_checkpointing, or use model.lora_rank > 0 or train.strategy: fsdp over "
@@ -419,7 +419,7 @@ def check_sft(params, model_dir: str | Path) -> None:
 
 
 def preset_estimates(params, model_name: str) -> list[str]:
-    """Comment lines for `grpo.preset show`: per-GPU peak memory of train and evaluate, assuming
+    """Comment lines for `stages.preset show`: per-GPU peak memory of train and evaluate, assuming
     a bf16-capable GPU; `auto` processes = the visible GPUs, or 8 without any."""
     shape = shape_for(model_name)
     if shape is None:

@@ -50,6 +50,25 @@ def test_bad_params_give_one_line_errors(raw, edit, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("processes", "counted", "message"),
+    [
+        (7, "", "fewer than 7 processes"),
+        (8, "nproc_per_node=", "fewer than nproc_per_node=8 processes"),
+    ],
+)
+def test_batch_split_needs_a_row_per_process(raw, processes, counted, message):
+    raw["train"].update(batch_size=3, num_generations=2, nproc_per_node=1)
+    cfg = Params.from_dict(raw).train
+    config.check_batch_split(cfg, 6, counted)  # 6 rows: one for each of 6 processes
+    with pytest.raises(ConfigError) as err:
+        config.check_batch_split(cfg, processes, counted)
+    assert str(err.value) == (
+        f"params.yaml: train.batch_size: 3 prompts x 2 generations = 6 rows, {message}; set "
+        "train.batch_size to 4 or more, or lower train.nproc_per_node"
+    )
+
+
 def test_float_strings_from_dvc_exp_run_are_coerced(raw):
     raw["eval"]["temperature"] = "7e-01"  # what `dvc exp run -S` writes for small floats
     assert Params.from_dict(raw).eval.temperature == pytest.approx(0.7)

@@ -1,5 +1,5 @@
 """Preflight: GPU runs check CUDA torch, GPU count, capability and memory before any work; the
-memory estimate and `grpo.preset show`. GPUs are simulated (tests/test_device.py)."""
+memory estimate and `stages.preset show`. GPUs are simulated (tests/test_device.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from grpo.config import Params
 from grpo.device import DeviceError
 from grpo.preflight import KNOWN_SHAPES, GiB, PreflightError
 from stages import evaluate as evaluate_stage
+from stages import preset as preset_command
 from stages import sft as sft_stage
 from stages import train as train_stage
 
@@ -169,7 +170,7 @@ def test_sft_checks_its_own_batch(monkeypatch, tiny_model_dir):
 
 def test_preset_show_prints_the_memory_estimate(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert preset.main(["show", "seed-qwen2.5-1.5b"]) == 0
+    assert preset_command.main(["show", "seed-qwen2.5-1.5b"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("# estimated peak memory per GPU (t"))
     params = params_of("seed-qwen2.5-1.5b")
@@ -180,7 +181,7 @@ def test_preset_show_prints_the_memory_estimate(capsys, monkeypatch):
     assert line == f"# estimated peak memory per GPU (train, {n} processes): {expected.describe()}"
     assert "# estimated peak memory per GPU (evaluate): " in out
     assert out.startswith("data:")  # the YAML first, still parseable
-    assert preset.main(["show", "qwen2.5-1.5b-fsdp-1node"]) == 0
+    assert preset_command.main(["show", "qwen2.5-1.5b-fsdp-1node"]) == 0
     assert "(train, 8 processes)" in capsys.readouterr().out
 
 

@@ -10,6 +10,7 @@ import yaml
 
 from grpo import config, preset
 from grpo.config import ConfigError, Params
+from stages import preset as preset_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,7 +77,7 @@ def test_broken_params_file_gives_one_line(kind, action, tmp_path, capsys):
     if BROKEN[kind] is not None:
         path.write_text(BROKEN[kind])
     before = sorted(p.name for p in tmp_path.iterdir())
-    code = preset.main([action, "cpu-demo", "--params", str(path)])
+    code = preset_command.main([action, "cpu-demo", "--params", str(path)])
     err = capsys.readouterr().err
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
