@@ -84,3 +84,12 @@ def test_the_kernel_can_be_switched_off(fresh, monkeypatch):
     monkeypatch.setenv("GRPO_KERNELS", "0")
     assert kernels.library() is None
     assert not skinny_gemm.applies(torch.randn(6, 5), torch.randn(5, 16))
+
+
+def test_operands_are_padded_to_whole_column_blocks():
+    """Every decode-step operand (and llama_step.c's width) is a whole number of the kernels'
+    16-column blocks: the kernels read 16 columns at a time."""
+    widths = [skinny_gemm.column_width(n) for n in (1, 15, 16, 17, 33, 64)]
+    assert widths == [16, 16, 16, 32, 48, 64]
+    weight = torch.randn(3, 2)
+    assert all(skinny_gemm.applies(weight, torch.randn(2, w)) == BUILDABLE for w in widths)
