@@ -168,7 +168,6 @@ def main() -> None:
         system=params.prompt.system,
         eos_ids=model.eos_token_ids(lm, tokenizer),
         checkpoint_dir=Path("/tmp/gpu-rollout-bench"),
-        progress=False,
     )
     if not args.tiny:
         fx.timed_step(trainer)  # warm-up: the backward's kernels and AdamW states

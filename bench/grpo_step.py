@@ -90,14 +90,13 @@ def run_ours(args) -> dict:
         system=params.prompt.system,
         eos_ids=model.eos_token_ids(lm, tokenizer),
         checkpoint_dir=Path(args.workdir) / "ours-checkpoints",
-        progress=False,
     )
-    optimizer, scheduler = trainer._start_iteration(0, None)
+    trainer.start_iteration(0)
     seconds, lengths = [], []
     for step in range(cfg.num_steps):
         start = time.perf_counter()
         ro = trainer.rollout(step)
-        trainer.update(ro, optimizer, scheduler, step)
+        trainer.update(ro, step)
         if args.device == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)

@@ -36,7 +36,8 @@ from grpo.data import read_jsonl, sha256_file
 from grpo.errors import UserError
 from grpo.fsutil import check_writable
 from grpo.rewards import RewardFunctions
-from grpo.trainer import GRPOTrainer, Interrupted
+from grpo.run import Interrupted, Run
+from grpo.trainer import GRPOTrainer
 from stages import _cli
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
         dist=d,
         strategy=strategy,
     )
-    summary = trainer.train(Path(args.log_dir), run_config, resume=resume, fingerprint=fp)
+    summary = Run(trainer, Path(args.log_dir), run_config, fingerprint=fp).train(resume)
     del resume
     state = trainer.final_state_dict()  # a collective under FSDP: every rank takes part
     if d.writes_files:  # every node: `dvc repro` there expects the output

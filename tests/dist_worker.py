@@ -23,7 +23,7 @@ import torch
 from test_trainer import _cfg, _trainer
 
 from grpo import checkpoint, distributed
-from grpo.trainer import Interrupted
+from grpo.run import Interrupted, Run
 
 
 def main() -> None:
@@ -82,20 +82,21 @@ def run(args: argparse.Namespace, cfg, d: distributed.Dist) -> None:
         full = sum(p.numel() for p in trainer.ref.parameters())
         local = sum(p.to_local().numel() for p in trainer.ref.parameters())
         assert local < full, (local, full)
+    loop = Run(trainer, args.out / "log", {}, fingerprint="fp")
     if args.fail_on_rank == d.rank:
-        step = trainer._step
+        step = loop._step
 
         def failing_step(n, *rest):
             if n == 2:
                 raise RuntimeError(f"injected failure on rank {d.rank} at step {n}")
             step(n, *rest)
 
-        trainer._step = failing_step
+        loop._step = failing_step
     found = args.resume_from
     if args.resume:
         found = checkpoint.agreed(trainer.checkpoint_dir, "fp", d)
     resume = checkpoint.load(found, weights=d.is_main) if found else None
-    trainer.train(args.out / "log", {}, resume=resume, fingerprint="fp")
+    loop.train(resume)
     state = trainer.final_state_dict()
     if d.writes_files:
         torch.save(state, args.out / "params.pt")

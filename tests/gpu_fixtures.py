@@ -218,13 +218,13 @@ def timed_step(trainer: GRPOTrainer) -> dict[str, float]:
     (rewards, reference log-probs, old-policy log-probs when mu > 1) and update (policy
     log-probs with grad, backward, optimizer step)."""
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else lambda: None
-    optimizer, scheduler = trainer._start_iteration(0, None)
+    trainer.start_iteration(0)
     sync()
     start = time.perf_counter()
     ro = trainer.rollout(1)
     sync()
     rolled = time.perf_counter()
-    stats = trainer.update(ro, optimizer, scheduler, 1)
+    stats = trainer.update(ro, 1)
     sync()
     end = time.perf_counter()
     rewards = ro.rewards.view(-1, trainer.cfg.num_generations)  # (B, G)
@@ -278,7 +278,6 @@ def run_step(name: str, d: distributed.Dist, workdir: Path, tokens: int | None) 
         checkpoint_dir=workdir / "checkpoints",
         dist=d,
         strategy=cfg.strategy,
-        progress=False,
     )
     named = dict(trainer.engine.named_parameters())
     trainable = {n: p for n, p in named.items() if p.requires_grad}

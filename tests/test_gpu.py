@@ -262,7 +262,6 @@ def test_evaluation_batch_on_device(name):
         temperature=e.temperature,
         seed=e.seed,
         eos_ids=model.eos_token_ids(lm, tokenizer),
-        progress=False,
     )
     print(
         f"\n{name} eval batch of {e.batch_size} on {DEVICE} ({dtype}, {attn}): "

@@ -105,7 +105,7 @@ def test_lora_run_resumes_from_its_checkpoint(
     train_stage.train(params, args, distributed.Dist(), "ddp")
     first = AutoModelForCausalLM.from_pretrained(tmp_path / "grpo").state_dict()
     assert (tmp_path / "checkpoints" / "step-000002" / "COMPLETE").exists()
-    with caplog.at_level(logging.INFO, logger="grpo.trainer"):
+    with caplog.at_level(logging.INFO, logger="grpo.run"):
         train_stage.train(params, args, distributed.Dist(), "ddp")
     assert "step-000002 (step 2)" in caplog.text  # resumed, not restarted
     second = AutoModelForCausalLM.from_pretrained(tmp_path / "grpo").state_dict()
@@ -144,7 +144,6 @@ def _lora_trainer(policy, tokenizer, cfg, tmp_path) -> GRPOTrainer:
         system="Respond",
         eos_ids=[2],
         checkpoint_dir=tmp_path / "checkpoints",
-        progress=False,
     )
 
 
@@ -156,8 +155,8 @@ def test_lora_reference_is_the_base_with_adapters_disabled_and_nothing_is_copied
     _no_model_copies(monkeypatch)
     trainer = _lora_trainer(policy, tokenizer, _cfg(beta=0.04, num_steps=1), tmp_path)
     assert trainer.ref is None  # no second model
-    optimizer, _ = trainer._start_iteration(0, None)
-    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainer.start_iteration(0)
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     adapters = {id(p) for n, p in policy.named_parameters() if "lora_" in n}
     assert trained == adapters  # the optimizer holds exactly the adapters
     ro = trainer.rollout(1)
@@ -181,7 +180,7 @@ def test_lora_with_beta_zero_computes_no_reference_logprobs(tmp_path, monkeypatc
     tokenizer = tiny.build_tokenizer()
     policy, _ = _lora_policy(tokenizer)
     trainer = _lora_trainer(policy, tokenizer, _cfg(beta=0.0, num_steps=1), tmp_path)
-    trainer._start_iteration(0, None)
+    trainer.start_iteration(0)
 
     def no_base_forward():
         raise AssertionError("the adapters were disabled for a reference forward")

@@ -17,7 +17,8 @@ import torch
 from test_trainer import LengthReward, _cfg, _trainer
 
 from grpo import checkpoint, launch
-from grpo.trainer import Interrupted, NonFiniteError
+from grpo.run import Interrupted, Run
+from grpo.trainer import NonFiniteError
 
 
 class Killed(BaseException):
@@ -36,22 +37,23 @@ def _metrics(log_dir: Path) -> dict:
 
 def _run(tmp_path: Path, cfg, *, kill_after: int | None = None, resume: bool = False):
     """Train; optionally die right after step `kill_after` (before its checkpoint is written);
-    return (trainer, model)."""
+    return (run, model)."""
     trainer, model = _trainer(tmp_path, cfg)
+    run = Run(trainer, tmp_path / "log", {}, fingerprint="fp")
     if kill_after is not None:
-        step = trainer._step
+        step = run._step
 
         def dying_step(n, *args):
             step(n, *args)
             if n == kill_after:
                 raise Killed
 
-        trainer._step = dying_step
+        run._step = dying_step
     found = checkpoint.complete(trainer.checkpoint_dir) if resume else []
     state = checkpoint.load(found[-1]) if found else None
     with contextlib.suppress(Killed):
-        trainer.train(tmp_path / "log", {}, resume=state, fingerprint="fp")
-    return trainer, model
+        run.train(state)
+    return run, model
 
 
 @pytest.mark.parametrize(
@@ -95,7 +97,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
 
     trainer.reward_fns = TermAtStep2()
     with pytest.raises(Interrupted, match=r"SIGTERM after step 2 of 4.*dvc repro") as err:
-        trainer.train(tmp_path / "log", {})
+        Run(trainer, tmp_path / "log", {}).train()
     assert err.value.exit_code == 128 + signal.SIGTERM
     assert [p.name for p in checkpoint.complete(trainer.checkpoint_dir)] == ["step-000002"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
@@ -129,7 +131,7 @@ def test_a_repeated_signal_stops_at_once_alone_and_is_ignored_under_the_launcher
     signal.signal(signal.SIGTERM, lambda signum, frame: previous.append(signum))
     try:
         with pytest.raises(Interrupted, match=r"SIGTERM after step 2 of 4"):
-            trainer.train(tmp_path / "log", {})
+            Run(trainer, tmp_path / "log", {}).train()
         os.kill(os.getpid(), signal.SIGTERM)  # after the stop, before the process exits
     finally:
         for s, handler in saved.items():
@@ -158,7 +160,7 @@ def test_nonfinite_reward_with_stop_fails_naming_the_step(tmp_path):
     trainer, _ = _trainer(tmp_path, _cfg(num_steps=3, nonfinite="stop"))
     trainer.reward_fns = _nan_at_step(2)
     with pytest.raises(NonFiniteError, match=r"non-finite reward .* at step 2.*step-000001\)"):
-        trainer.train(tmp_path / "log", {})
+        Run(trainer, tmp_path / "log", {}).train()
     (good,) = checkpoint.complete(trainer.checkpoint_dir)
     assert good.name == "step-000001"
     checkpoint.load(good)  # intact
@@ -167,7 +169,7 @@ def test_nonfinite_reward_with_stop_fails_naming_the_step(tmp_path):
 def test_nonfinite_reward_with_skip_drops_that_update_only(tmp_path):
     trainer, model = _trainer(tmp_path, _cfg(num_steps=3, nonfinite="skip"))
     trainer.reward_fns = _nan_at_step(2)
-    summary = trainer.train(tmp_path / "log", {})
+    summary = Run(trainer, tmp_path / "log", {}).train()
     assert summary["nonfinite_skipped"] == 1
     one, two = (checkpoint.load(p) for p in checkpoint.complete(trainer.checkpoint_dir))
     for name, before in one.model_state.items():
@@ -184,12 +186,12 @@ def test_nonfinite_gradient_is_caught(tmp_path):
     with pytest.raises(
         NonFiniteError, match=r"non-finite (loss|gradient norm) .* at step 1; no checkpoint was"
     ):
-        trainer.train(tmp_path / "log", {})
+        Run(trainer, tmp_path / "log", {}).train()
 
 
 def test_stale_and_half_written_checkpoints_are_never_resumed(tmp_path):
     trainer, _ = _trainer(tmp_path, _cfg(num_steps=3))
-    trainer.train(tmp_path / "log", {}, fingerprint="old")
+    Run(trainer, tmp_path / "log", {}, fingerprint="old").train()
     folder = trainer.checkpoint_dir
     assert [p.name for p in checkpoint.complete(folder)] == ["step-000001", "step-000002"]
     (folder / ".step-000003.tmp.abc").mkdir()  # a write killed before its rename
@@ -203,7 +205,7 @@ def test_stale_and_half_written_checkpoints_are_never_resumed(tmp_path):
 
 def test_checkpoint_holds_every_state_and_loads_with_weights_only(tmp_path):
     trainer, _ = _trainer(tmp_path, _cfg(num_steps=3, num_iterations=2, beta=0.04))
-    trainer.train(tmp_path / "log", {}, fingerprint="fp")
+    Run(trainer, tmp_path / "log", {}, fingerprint="fp").train()
     latest = checkpoint.complete(trainer.checkpoint_dir)[-1]
     names = {p.name for p in latest.iterdir()}
     assert {"model.safetensors", "ref.safetensors", "optimizer.pt", "scheduler.pt"} <= names
@@ -217,9 +219,9 @@ def test_checkpoint_holds_every_state_and_loads_with_weights_only(tmp_path):
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = _cfg(num_steps=3, wandb="offline")
-    trainer, _ = _run(tmp_path, cfg, kill_after=2)
-    first_id = trainer.logger.wandb_id
-    (latest,) = checkpoint.complete(trainer.checkpoint_dir)
+    run, _ = _run(tmp_path, cfg, kill_after=2)
+    first_id = run.logger.wandb_id
+    (latest,) = checkpoint.complete(run.trainer.checkpoint_dir)
     assert json.loads((latest / "state.json").read_text())["wandb_id"] == first_id
     resumed, _ = _run(tmp_path, cfg, resume=True)
     assert first_id and resumed.logger.wandb_id == first_id

@@ -12,7 +12,8 @@ import torch
 
 from grpo import config
 from grpo.checkpoint import COMPLETE
-from grpo.trainer import GRPOTrainer, PromptSampler, lr_lambda
+from grpo.run import Run
+from grpo.trainer import GRPOTrainer, PromptSampler
 
 
 class LengthReward:
@@ -58,7 +59,6 @@ def _trainer(tmp_path, cfg, seed=0, **kwargs):
         system="Respond",
         eos_ids=[2],
         checkpoint_dir=tmp_path / "out" / "checkpoints",
-        progress=False,
         **kwargs,
     )
     return trainer, model
@@ -68,7 +68,7 @@ def test_one_step_changes_every_parameter_and_loss_is_finite(tmp_path):
     cfg = _cfg(num_steps=1)
     trainer, model = _trainer(tmp_path, cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    summary = trainer.train(tmp_path / "log", {})
+    summary = Run(trainer, tmp_path / "log", {}).train()
     assert summary["steps"] == 1
     metrics = json.loads((tmp_path / "log" / "metrics.json").read_text())
     assert torch.isfinite(torch.tensor(metrics["loss"]))
@@ -82,7 +82,7 @@ def test_same_seed_gives_identical_metrics(tmp_path, overrides):
     runs = []
     for name in ("a", "b"):
         trainer, model = _trainer(tmp_path / name, _cfg(**overrides))
-        trainer.train(tmp_path / name / "log", {})
+        Run(trainer, tmp_path / name / "log", {}).train()
         metrics = json.loads((tmp_path / name / "log" / "metrics.json").read_text())
         metrics.pop("time")
         runs.append((metrics, [p.detach().clone() for p in model.parameters()]))
@@ -93,7 +93,7 @@ def test_same_seed_gives_identical_metrics(tmp_path, overrides):
 
 def test_checkpoints_are_complete_and_load_with_weights_only(tmp_path):
     trainer, _ = _trainer(tmp_path, _cfg(num_steps=3))
-    trainer.train(tmp_path / "log", {})
+    Run(trainer, tmp_path / "log", {}).train()
     ckpts = sorted((tmp_path / "out" / "checkpoints").iterdir())
     assert [c.name for c in ckpts] == ["step-000001", "step-000002"]  # none at the final step
     for ckpt in ckpts:
@@ -115,18 +115,12 @@ def test_prompt_sampler_is_seeded_and_restorable():
     assert c.next(6) == a.next(6)
 
 
-def test_lr_schedule_warmup_then_decay():
-    cfg = _cfg(warmup_steps=2, lr_scheduler="linear")
-    f = lr_lambda(cfg, total_updates=10)
-    assert [round(f(u), 3) for u in (0, 1, 2, 6, 10)] == [0.333, 0.667, 1.0, 0.5, 0.0]
-
-
 @pytest.mark.slow
 def test_torch_compile_gives_the_same_step(tmp_path):
     results = []
     for flag in (False, True):
         trainer, model = _trainer(tmp_path / str(flag), _cfg(num_steps=1, torch_compile=flag))
-        trainer.train(tmp_path / str(flag) / "log", {})
+        Run(trainer, tmp_path / str(flag) / "log", {}).train()
         results.append([p.detach().clone() for p in model.parameters()])
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
@@ -138,7 +132,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     weights, losses = [], []
     for on in (False, True):
         trainer, model = _trainer(tmp_path / str(on), _cfg(gradient_checkpointing=on, beta=0.04))
-        trainer.train(tmp_path / str(on) / "log", {})
+        Run(trainer, tmp_path / str(on) / "log", {}).train()
         assert model.is_gradient_checkpointing == on
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
         losses.append(json.loads((tmp_path / str(on) / "log" / "metrics.json").read_text())["loss"])
@@ -160,6 +154,6 @@ def test_each_step_runs_with_reproducible_cpu_kernels(tmp_path, monkeypatch):
             return method(*args, **kwargs)
 
         monkeypatch.setattr(trainer, name, spy)
-    trainer.train(tmp_path / "log", {})
+    Run(trainer, tmp_path / "log", {}).train()
     assert seen == [("rollout", False), ("update", True)] * 2
     assert not torch.are_deterministic_algorithms_enabled()

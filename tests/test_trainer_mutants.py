@@ -23,7 +23,7 @@ from grpo.loss import group_advantages, grpo_loss
 from grpo.prompts import chat_prompt
 from grpo.sampling import row_seeds
 from grpo.scoring import completion_logprobs
-from grpo.trainer import GRPOTrainer, NonFiniteError, _micro_batches
+from grpo.trainer import TOKEN_MEANS, GRPOTrainer, NonFiniteError, _micro_batches
 
 
 class CrcReward:
@@ -75,7 +75,6 @@ def _trainer(tmp_path, **overrides):
         system="Respond",
         eos_ids=[2],
         checkpoint_dir=tmp_path / "checkpoints",
-        progress=False,
     )
     return trainer, model, reward
 
@@ -123,7 +122,7 @@ def _expected(trainer, model, ro, loss_type: str):
         out.loss.backward()
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in twin.parameters()]))
         optimizer.step()
-    stats = {"loss": out.loss.item(), "kl": out.kl, "clip_ratio": out.clip_ratio}
+    stats = {"loss": out.loss.item(), **{name: getattr(out, name) for name in TOKEN_MEANS}}
     return {n: p.detach() for n, p in twin.named_parameters()}, stats | {"grad_norm": norm.item()}
 
 
@@ -133,14 +132,14 @@ def test_update_is_the_full_batch_loss_step(tmp_path, loss_type, beta):
     ro = trainer.rollout(0)
     _cut(ro)
     weights, expected = _expected(trainer, model, ro, loss_type)
-    optimizer, scheduler = _sgd(model)
-    stats = trainer.update(ro, optimizer, scheduler)
+    trainer.optimizer, trainer.scheduler = _sgd(model)
+    stats = trainer.update(ro)
     assert expected["clip_ratio"] > 0  # the second update is off-policy
     assert (expected["kl"] > 0) == (beta > 0)  # beta 0: no reference at all
     for key, value in expected.items():
         assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
     assert stats["nonfinite_skipped"] == 0.0
-    assert scheduler.last_epoch == 2  # one scheduler step per optimizer update (mu = 2)
+    assert trainer.scheduler.last_epoch == 2  # one scheduler step per optimizer update (mu = 2)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), weights[name], rtol=1e-4, atol=1e-6)
     assert not model.training  # back to eval mode for the next rollout
@@ -206,26 +205,26 @@ def test_nonfinite_rewards_give_nan_advantages_and_a_skipped_update(tmp_path):
     ro = trainer.rollout(0)
     assert torch.isnan(ro.advantages).all()
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer, scheduler = _sgd(model)
-    stats = trainer.update(ro, optimizer, scheduler)
+    trainer.optimizer, trainer.scheduler = _sgd(model)
+    stats = trainer.update(ro)
     assert stats == {"nonfinite_skipped": 1.0}
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
-    assert scheduler.last_epoch == 2  # both of the mu = 2 updates dropped, the schedule moves on
+    assert trainer.scheduler.last_epoch == 2  # both mu = 2 updates dropped, the schedule moves on
     trainer.nonfinite = "stop"
     with pytest.raises(NonFiniteError, match=r"non-finite reward \(6 completions\) at step 5;"):
-        trainer.update(ro, optimizer, scheduler, step=5)
+        trainer.update(ro, step=5)
 
 
 def test_a_nonfinite_second_update_is_skipped_and_the_schedule_still_advances(tmp_path):
     # an infinite step size makes the weights non-finite, so the second of mu = 2 updates fails
     trainer, model, _ = _trainer(tmp_path, nonfinite="skip")
     ro = trainer.rollout(0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=math.inf)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    stats = trainer.update(ro, optimizer, scheduler)
-    assert sorted(stats) == ["clip_ratio", "grad_norm", "kl", "loss", "nonfinite_skipped"]
+    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=math.inf)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
+    stats = trainer.update(ro)
+    assert sorted(stats) == sorted(["grad_norm", "loss", "nonfinite_skipped", *TOKEN_MEANS])
     assert math.isnan(stats["loss"]) and stats["nonfinite_skipped"] == 1.0
-    assert scheduler.last_epoch == 2  # the good update's step and the dropped one's
+    assert trainer.scheduler.last_epoch == 2  # the good update's step and the dropped one's
     assert all(p.grad is None for p in model.parameters())
     assert not model.training
 
@@ -234,11 +233,11 @@ def test_a_nonfinite_loss_stops_naming_the_step(tmp_path):
     trainer, _, _ = _trainer(tmp_path, nonfinite="stop", mu=1)
     ro = trainer.rollout(0)
     ro.advantages[:] = math.nan  # finite rewards, a NaN loss
-    optimizer, scheduler = _sgd(trainer.policy)
+    trainer.optimizer, trainer.scheduler = _sgd(trainer.policy)
     with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 4;"):
-        trainer.update(ro, optimizer, scheduler, step=4)
+        trainer.update(ro, step=4)
     with pytest.raises(NonFiniteError, match=r"at step 0;"):  # the default step
-        trainer.update(ro, optimizer, scheduler)
+        trainer.update(ro)
 
 
 @pytest.mark.parametrize("stop", [True, False])

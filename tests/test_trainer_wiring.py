@@ -17,6 +17,7 @@ import torch
 
 from grpo import config
 from grpo.loss import grpo_loss
+from grpo.run import Run
 from grpo.scoring import completion_logprobs
 from grpo.trainer import GRPOTrainer
 
@@ -83,7 +84,6 @@ def _trainer(tmp_path, *, eos_bias=4.0, target_bias=3.0, **overrides):
         system="Respond",
         eos_ids=[EOS],
         checkpoint_dir=tmp_path / "checkpoints",
-        progress=False,
     )
     return trainer, model
 
@@ -105,11 +105,11 @@ def stepped(tmp_path):
     """One rollout and one update of a fresh trainer: (trainer, model before the update,
     rollout, update stats), the gradient of the update left in the policy's `.grad`."""
     trainer, model = _trainer(tmp_path)
-    optimizer, scheduler = trainer._start_iteration(0, None)
+    trainer.start_iteration(0)
     ro = trainer.rollout(1)
     _assert_rows_stop_every_way(ro)
     before = copy.deepcopy(model)
-    stats = trainer.update(ro, optimizer, scheduler, 1)
+    stats = trainer.update(ro, 1)
     return trainer, before, ro, stats
 
 
@@ -160,14 +160,14 @@ def test_tokens_after_eos_change_nothing(tmp_path):
     grads, losses = [], []
     for garbage in (False, True):
         trainer, model = _trainer(tmp_path / str(garbage))
-        optimizer, scheduler = trainer._start_iteration(0, None)
+        trainer.start_iteration(0)
         ro = trainer.rollout(1)
         _assert_rows_stop_every_way(ro)
         if garbage:
             ids, mask = ro.gen.completion_ids, ro.gen.completion_mask  # (N, T)
             noise = torch.randint(3, 400, ids.shape, generator=torch.Generator().manual_seed(0))
             ro.gen.completion_ids = torch.where(mask.bool(), ids, noise)  # (N, T)
-        stats = trainer.update(ro, optimizer, scheduler, 1)
+        stats = trainer.update(ro, 1)
         losses.append(stats["loss"])
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert losses[1] == pytest.approx(losses[0], rel=1e-6, abs=1e-8)
@@ -189,8 +189,9 @@ def test_grpo_steps_raise_a_verifiable_reward(tmp_path):
         beta=0.0,
         max_grad_norm=1.0,
     )
-    trainer.train(tmp_path / "log", {})
-    history = trainer.history  # mean reward of each step's 16 rollouts
+    run = Run(trainer, tmp_path / "log", {})
+    run.train()
+    history = run.history  # mean reward of each step's 16 rollouts
     first, last = sum(history[:2]) / 2, sum(history[-2:]) / 2
     assert first < 0.5, history
     assert last > first + 0.4, history
@@ -201,14 +202,15 @@ def test_reference_is_the_policy_at_each_iteration_start(tmp_path):
     iteration 0 (not the initial weights), and it stays frozen while the policy moves on."""
     trainer, model = _trainer(tmp_path, num_iterations=2)
     snapshots = []  # the policy's weights before each step
-    step = trainer._step
+    run = Run(trainer, tmp_path / "log", {})
+    step = run._step
 
     def spy(*args, **kwargs):
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
         return step(*args, **kwargs)
 
-    trainer._step = spy
-    trainer.train(tmp_path / "log", {})
+    run._step = spy
+    run.train()
     assert len(snapshots) == 2
     ref = dict(trainer.ref.named_parameters())
     for name, value in snapshots[1].items():
@@ -234,7 +236,7 @@ def test_kl_is_measured_against_the_reference(tmp_path):
         return seen[-1][2]
 
     trainer.update = spy
-    trainer.train(tmp_path / "log", {})
+    Run(trainer, tmp_path / "log", {}).train()
     assert seen[0][2]["kl"] == pytest.approx(0.0, abs=1e-7)
     before, ro, stats = seen[1]
     gen = ro.gen

@@ -149,7 +149,6 @@ def _ours(model_dir, batch, cfg, advantages, old, ref, tmp_path):
         system="",
         eos_ids=[EOS],
         checkpoint_dir=tmp_path / "checkpoints",
-        progress=False,
     )
     prompt_ids, prompt_mask, completion_ids, completion_mask = batch
     lengths = completion_mask.sum(dim=1)  # (N,)
@@ -170,7 +169,8 @@ def _ours(model_dir, batch, cfg, advantages, old, ref, tmp_path):
     assert any(rows.start % G for rows, _ in trainer.micro_batches)  # a group is split
     rollout = Rollout(gen, table, (), advantages, old, ref if cfg.beta > 0 else None, 0.0)
     optimizer = _GradCapture(model)
-    stats = trainer.update(rollout, optimizer, _NoSchedule())
+    trainer.optimizer, trainer.scheduler = optimizer, _NoSchedule()
+    stats = trainer.update(rollout)
     return stats["loss"], optimizer.grads
 
 
