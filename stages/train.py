@@ -57,7 +57,8 @@ RESUMABLE_KEYS = (
 def fingerprint(params: config.Params, model_dir: Path, data: Path) -> str:
     """sha256 of everything a resumed run must share with the interrupted one: the params the
     stage reads (but RESUMABLE_KEYS), the bytes of the model folder and the data file, and the
-    project code."""
+    project code (every Python and C source of `grpo/`, subpackages included: the C kernels pick
+    the sampled tokens)."""
     m = params.model
     keys = {
         "train": {k: v for k, v in params.train.to_dict().items() if k not in RESUMABLE_KEYS},
@@ -70,11 +71,13 @@ def fingerprint(params: config.Params, model_dir: Path, data: Path) -> str:
         },
     }
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
-    kernels = [*(REPO / "grpo").glob("*.c"), *(REPO / "grpo").glob("*.h")]  # they pick tokens
-    code = sorted([*(REPO / "grpo").glob("*.py"), *kernels, REPO / "stages" / "train.py"])
+    code = [p for suffix in ("py", "c", "h") for p in (REPO / "grpo").rglob(f"*.{suffix}")]
+    code = sorted([*code, REPO / "stages" / "train.py"])
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
-    for path in [*files, data, *code]:
+    for path in [*files, data]:
         digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    for path in code:  # by path: subpackages repeat file names (__init__.py)
+        digest.update(f"{path.relative_to(REPO).as_posix()}:{sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
 

@@ -227,9 +227,10 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     assert first_id and resumed.logger.wandb_id == first_id
 
 
-def test_fingerprint_covers_model_dtype_and_c_kernels(tmp_path, monkeypatch):
+def test_fingerprint_covers_model_dtype_and_all_sources(tmp_path, monkeypatch):
     """A resumed run must compute what the interrupted one did: the base dtype (LoRA loads its
-    frozen base in it) and the C kernels (rollout.c picks the sampled tokens) are part of it."""
+    frozen base in it) and every source file of `grpo/`, in subpackages too (the C kernels of
+    grpo/kernels/csrc pick the sampled tokens), are part of it."""
     import shutil
 
     import yaml
@@ -253,6 +254,10 @@ def test_fingerprint_covers_model_dtype_and_c_kernels(tmp_path, monkeypatch):
     assert stage.fingerprint(config.Params.from_dict(raw), model_dir, data) != base
     raw["model"]["dtype"] = "auto"
     assert stage.fingerprint(config.Params.from_dict(raw), model_dir, data) == base
-    kernel = fake / "grpo" / "rollout.c"
-    kernel.write_text(kernel.read_text() + "\n")
-    assert stage.fingerprint(config.Params.from_dict(raw), model_dir, data) != base
+    for source in ("kernels/csrc/gumbel.c", "kernels/csrc/vector_math.h", "decoding/llama.py"):
+        path = fake / "grpo" / source
+        text = path.read_text()
+        path.write_text(text + "\n")
+        assert stage.fingerprint(config.Params.from_dict(raw), model_dir, data) != base, source
+        path.write_text(text)
+    assert stage.fingerprint(config.Params.from_dict(raw), model_dir, data) == base
