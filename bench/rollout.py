@@ -14,12 +14,13 @@ over minutes; the best measurement is the peak, the strictest bound); a decoder 
 allows. Each side is reported as a fraction of it.
 
 What the linear layers alone allow: one decode step multiplies every weight matrix of the model
-by the step's rows (W @ x, as `grpo.llama_step` does); the script times exactly those GEMMs, on
-the model's own weights (538 MB at 135M fp32, far more than any cache, so they stream from
+by the step's rows (W @ x, as `grpo.decoding.llama` does); the script times exactly those GEMMs,
+on the model's own weights (538 MB at 135M fp32, far more than any cache, so they stream from
 memory as in a real step), and reports rows / that time as "GEMMs alone", with torch.mm (MKL)
-and with `grpo.skinny_gemm` (what our decode step runs): no decode loop can beat the latter at
-that batch, whatever the loop around it. "ours / GEMMs alone" is the share of a step the GEMMs
-take, i.e. how much the rest (prefill, attention over the KV cache, sampling, Python) costs.
+and with `grpo.kernels.skinny_gemm` (what our decode step runs): no decode loop can beat the
+latter at that batch, whatever the loop around it. "ours / GEMMs alone" is the share of a step
+the GEMMs take, i.e. how much the rest (prefill, attention over the KV cache, sampling, Python)
+costs.
 
 Cache off recomputes the whole sequence for every token (cost grows with length), so it runs
 once, at the smallest batch and `--cache-off-tokens` new tokens: its tokens/s at 128 would be
@@ -34,9 +35,10 @@ import time
 
 import torch
 
-from grpo import llama_step, model, skinny_gemm
+from grpo import model
 from grpo.data import read_jsonl
 from grpo.generation import generate, generation_config
+from grpo.kernels import skinny_gemm
 from grpo.prompts import chat_prompt
 from grpo.sampling import Sampling, row_seeds
 
@@ -59,9 +61,9 @@ def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
 
 def gemm_floor(lm, rows: int, mm=torch.mm, repeats: int = 3) -> float:
     """Tokens/s the model's linear layers alone allow at `rows` rows per decode step, each
-    weight times a (in, rows) operand with `mm` (rows padded as `grpo.llama_step` pads them)."""
+    weight times a (in, rows) operand with `mm` (rows padded as the decode step pads them)."""
     weights = [m.weight for m in lm.modules() if isinstance(m, torch.nn.Linear)]
-    width = llama_step.column_width(rows)
+    width = skinny_gemm.column_width(rows)
     inputs = {w.shape[1]: torch.randn(w.shape[1], width) for w in weights}  # (in, width)
     mm(weights[0], inputs[weights[0].shape[1]])  # builds the kernel if it is not built yet
     best = float("inf")

@@ -5,7 +5,7 @@ choices the tutorial got wrong are made once: KV cache on and the model in eval 
 generating, left padding, stopping on every EOS id of the generation config, sampling through
 `grpo.sampling`, and completion masks built from the generated tokens (1 up to and including the
 first EOS), never from `pad_token_id`, which equals EOS for SmolLM2 and Qwen. The decode loop
-itself is `grpo.decode`; the HF `generate` path stays for FSDP and stop strings.
+itself is `grpo.decoding`; the HF `generate` path stays for FSDP and stop strings.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from grpo.decode import decode
+from grpo.decoding import decode
 from grpo.sampling import GREEDY, Sampling, SeededSampler, greedy_choice
 
 
@@ -86,7 +86,7 @@ def generate(
 
     With `sampling.temperature > 0`, `seeds` gives one seed per generated row (see `row_seeds`).
     `synced_gpus` keeps every rank stepping until all are done (needed with sharded FSDP).
-    `engine`: "lean" = our decode loop (`grpo.decode`), "hf" = `model.generate`, "auto" = lean
+    `engine`: "lean" = our decode loop (`grpo.decoding`), "hf" = `model.generate`, "auto" = lean
     unless `synced_gpus` or stop strings need the HF path. Both give the same tokens.
     """
     if engine not in ("auto", "lean", "hf"):
