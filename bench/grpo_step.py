@@ -42,7 +42,7 @@ def setup(args):
     """Params, records in the order our sampler draws them, rewards."""
     from grpo import config
     from grpo.data import read_jsonl
-    from grpo.trainer import PromptSampler
+    from grpo.batches import PromptSampler
 
     params = config.load(args.params)
     cfg = dataclasses.replace(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo import checkpoint, distributed
+from grpo.batches import PromptSampler, micro_batches
 from grpo.config import TrainConfig
 from grpo.device import autocast
 from grpo.errors import UserError
@@ -52,41 +52,6 @@ TOKEN_MEANS = ("kl", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "ratio_m
 
 class NonFiniteError(UserError):
     """A non-finite reward, loss or gradient with `train.nonfinite: stop`."""
-
-
-class PromptSampler:
-    """Seeded epochs over the records: each epoch a fresh permutation, no repeats within one."""
-
-    def __init__(self, num_records: int, seed: int) -> None:
-        self.num_records = num_records
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        order = list(range(self.num_records))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def next(self, count: int) -> list[int]:
-        """The next `count` record indices."""
-        out = []
-        while len(out) < count:
-            if self.position == self.num_records:
-                self.epoch += 1
-                self.position = 0
-                self._order = self._permutation(self.epoch)
-            out.append(self._order[self.position])
-            self.position += 1
-        return out
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state(self, state: Mapping[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation(self.epoch)
 
 
 def autocast_context(device: torch.device):
@@ -171,7 +136,7 @@ class GRPOTrainer:
         num_rows = cfg.batch_size * cfg.num_generations
         self.row_sizes = distributed.split_sizes(num_rows, self.dist.world)
         self.rows = distributed.shard(range(num_rows), self.dist)  # global row ids
-        self.micro_batches = _micro_batches(
+        self.micro_batches = micro_batches(
             len(self.rows), max(self.row_sizes), cfg.micro_batch_size
         )
         if cfg.gradient_checkpointing:  # transformers >= 5.23 renamed it (the old name warns)
@@ -421,25 +386,3 @@ class GRPOTrainer:
         """The trained weights as a plain state dict on every node's writer, {} on the other
         ranks (call on every rank: a collective under FSDP)."""
         return distributed.full_state_dict(self.engine, self.dist.writes_files)
-
-
-def _micro_batches(rows: int, most_rows: int, size: int) -> list[tuple[slice, bool]]:
-    """This rank's micro-batches over its `rows` rows, as (rows, real): as many on every rank
-    (`most_rows` is the largest rank's count; each FSDP forward is a collective), each of at
-    most `size` rows and near-even in length. A rank with fewer rows than micro-batches (only
-    with `size` 1) pads with re-scored rows that weigh nothing (real = False), first so that the
-    last micro-batch, which synchronises gradients, is a real one.
-
-    >>> _micro_batches(10, 11, 4)
-    [(slice(0, 4, None), True), (slice(4, 7, None), True), (slice(7, 10, None), True)]
-    >>> _micro_batches(1, 2, 1)
-    [(slice(0, 1, None), False), (slice(0, 1, None), True)]
-    """
-    count = -(-most_rows // size)  # ceil
-    real = min(count, rows)
-    padding = [(slice(0, 1), False)] * (count - real)
-    bounds, start = [], 0
-    for n in distributed.split_sizes(rows, real):
-        bounds.append((slice(start, start + n), True))
-        start += n
-    return padding + bounds

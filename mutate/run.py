@@ -41,6 +41,7 @@ class Target:
 TARGETS = {
     "loss": Target("grpo/loss.py", ("tests/test_loss.py",)),
     "rewards": Target("grpo/rewards.py", ("tests/test_rewards.py",)),
+    "batches": Target("grpo/batches.py", ("tests/test_batches.py",)),
     "trainer": Target(
         "grpo/trainer.py",
         (
@@ -50,7 +51,7 @@ TARGETS = {
             "tests/test_trainer_mutants.py",
             "tests/test_lora.py",  # the LoRA reference branch of rollout
         ),
-        ("xǁGRPOTrainerǁrollout", "xǁGRPOTrainerǁupdate", "x__micro_batches"),
+        ("xǁGRPOTrainerǁrollout", "xǁGRPOTrainerǁupdate"),
         (  # ~10 s each; they check that runs repeat, which the faster tests check by value
             "tests/test_trainer.py::test_gradient_checkpointing_trains_the_same_weights",
             "tests/test_trainer.py::test_same_seed_gives_identical_metrics",

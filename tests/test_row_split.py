@@ -23,16 +23,6 @@ def test_split_sizes_are_contiguous_and_near_even():
         distributed.split_sizes(2, 3)
 
 
-@pytest.mark.parametrize(("rows", "most", "size"), [(11, 11, 4), (10, 11, 4), (2, 3, 1), (8, 8, 3)])
-def test_micro_batches_cover_the_rows_in_as_many_steps_on_every_rank(rows, most, size):
-    batches = trainer._micro_batches(rows, most, size)
-    assert len(batches) == -(-most // size)  # the largest rank's count
-    real = [s for s, is_real in batches if is_real]
-    assert [i for s in real for i in range(s.start, s.stop)] == list(range(rows))
-    assert all(0 < s.stop - s.start <= size for s, _ in batches)
-    assert batches[-1][1]  # the synchronising micro-batch is a real one
-
-
 def _fake_fsdp(monkeypatch) -> list[dict]:
     calls: list[dict] = []
     monkeypatch.setattr("torch.distributed.device_mesh.init_device_mesh", lambda *a, **k: "mesh")

@@ -13,7 +13,7 @@ import torch
 from grpo import config
 from grpo.checkpoint import COMPLETE
 from grpo.run import Run
-from grpo.trainer import GRPOTrainer, PromptSampler
+from grpo.trainer import GRPOTrainer
 
 
 class LengthReward:
@@ -103,16 +103,6 @@ def test_checkpoints_are_complete_and_load_with_weights_only(tmp_path):
         for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
             torch.load(ckpt / name, weights_only=True)
     assert not list((tmp_path / "out" / "checkpoints").glob(".*"))  # no temp folders left
-
-
-def test_prompt_sampler_is_seeded_and_restorable():
-    a, b = PromptSampler(5, seed=1), PromptSampler(5, seed=1)
-    first = a.next(7)
-    assert first == b.next(7)
-    assert sorted(first[:5]) == list(range(5))  # an epoch is a permutation
-    c = PromptSampler(5, seed=1)
-    c.load_state(a.state())
-    assert c.next(6) == a.next(6)
 
 
 @pytest.mark.slow

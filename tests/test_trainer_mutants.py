@@ -23,7 +23,7 @@ from grpo.loss import group_advantages, grpo_loss
 from grpo.prompts import chat_prompt
 from grpo.sampling import row_seeds
 from grpo.scoring import completion_logprobs
-from grpo.trainer import TOKEN_MEANS, GRPOTrainer, NonFiniteError, _micro_batches
+from grpo.trainer import TOKEN_MEANS, GRPOTrainer, NonFiniteError
 
 
 class CrcReward:
@@ -252,17 +252,3 @@ def test_rollout_cuts_at_the_answer_only_when_asked(tmp_path, monkeypatch, stop)
     trainer, _, _ = _trainer(tmp_path, stop_at_answer=stop)
     trainer.rollout(0)
     assert calls == ([trainer.tokenizer] if stop else [])
-
-
-@pytest.mark.parametrize(
-    ("rows", "most", "size", "expected"),
-    [
-        (6, 6, 2, [(0, 2, True), (2, 4, True), (4, 6, True)]),
-        (5, 5, 5, [(0, 5, True)]),
-        (3, 4, 1, [(0, 1, False), (0, 1, True), (1, 2, True), (2, 3, True)]),
-        (7, 7, 3, [(0, 3, True), (3, 5, True), (5, 7, True)]),
-    ],
-)
-def test_micro_batches(rows, most, size, expected):
-    got = [(s.start, s.stop, real) for s, real in _micro_batches(rows, most, size)]
-    assert got == expected
