@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from grpo import preflight
+from grpo import memory
 from grpo.config import ConfigError, Params, read_yaml
 from grpo.preset import apply, load_overlay, merge, names
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             merged = merge(base, load_overlay(args.name), args.name)
             print(yaml.safe_dump(merged, sort_keys=False), end="")
             params = Params.from_dict(merged)
-            print("\n".join(preflight.preset_estimates(params, params.model.name)))
+            print("\n".join(memory.preset_estimates(params, params.model.name)))
             return 0
         apply(args.name, args.params)
         print(f"{args.params}: preset '{args.name}' applied")

@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from grpo import config, device, model, preflight, preset
+from grpo import config, device, memory, model, preset
 from grpo.data import write_jsonl_atomic
 from grpo.evaluate import evaluate
 from grpo.generation import generate, generation_config
@@ -137,20 +137,20 @@ def test_grpo_step_of_preset(name, tmp_path_factory):
             assert r["trainable_tensors"] == r["parameter_tensors"]
 
 
-def train_estimate(name: str, world: int) -> preflight.Estimate:
-    """`grpo.preflight`'s per-GPU estimate of the step that ran (the one `grpo.preset show`
+def train_estimate(name: str, world: int) -> memory.Estimate:
+    """`grpo.memory`'s per-GPU estimate of the step that ran (the one `grpo.preset show`
     prints for the preset, at this world size and completion length)."""
     params = fx.step_params(name, TOKENS)
-    settings = preflight.TrainSettings.from_params(params)
-    shape = preflight.shape_for(params.model.name)
-    return preflight.train_estimate(shape, settings, world=world, bf16=device.bf16_native(DEVICE))
+    settings = memory.TrainSettings.from_params(params)
+    shape = memory.shape_for(params.model.name)
+    return memory.train_estimate(shape, settings, world=world, bf16=device.bf16_native(DEVICE))
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_estimates_are_for_the_shape_that_runs(name):
-    """grpo.preflight's shape of the preset's model is the one these tests build."""
-    built = preflight.shape_from_config(fx.qwen2_config(name, tiny_shape=False).to_dict())
-    assert preflight.shape_for(name) == built
+    """grpo.memory's shape of the preset's model is the one these tests build."""
+    built = memory.shape_from_config(fx.qwen2_config(name, tiny_shape=False).to_dict())
+    assert memory.shape_for(name) == built
     assert built.parameters() == fx.PARAMETERS[name]
 
 
@@ -274,9 +274,9 @@ def test_evaluation_batch_on_device(name):
     assert DEVICE.type == "cpu" or dtype == torch.bfloat16
     if DEVICE.type == "cuda":  # against what `grpo.preset show` prints for evaluate
         measured = torch.cuda.max_memory_allocated(DEVICE) - baseline
-        shape = preflight.shape_for(name)
+        shape = memory.shape_for(name)
         size = torch.finfo(dtype).bits // 8
-        estimate = preflight.eval_estimate(shape, e.batch_size, max_new_tokens, weight_bytes=size)
+        estimate = memory.eval_estimate(shape, e.batch_size, max_new_tokens, weight_bytes=size)
         print(f"{name} eval: peak {_gib(measured)}; estimate {estimate.describe()}")
         assert measured <= estimate.total
     del lm
