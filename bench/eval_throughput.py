@@ -18,8 +18,8 @@ import time
 import torch
 
 from grpo import model
-from grpo.data import read_jsonl
 from grpo.evaluate import evaluate
+from grpo.fsutil import read_jsonl
 
 SYSTEM = (
     "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"

@@ -41,8 +41,8 @@ def peak_memory_mb(device: str) -> float:
 def setup(args):
     """Params, records in the order our sampler draws them, rewards."""
     from grpo import config
-    from grpo.data import read_jsonl
     from grpo.batches import PromptSampler
+    from grpo.fsutil import read_jsonl
 
     params = config.load(args.params)
     cfg = dataclasses.replace(

@@ -36,7 +36,7 @@ import time
 import torch
 
 from grpo import model
-from grpo.data import read_jsonl
+from grpo.fsutil import read_jsonl
 from grpo.generation import generate, generation_config
 from grpo.kernels import skinny_gemm
 from grpo.prompts import chat_prompt

@@ -1,21 +1,41 @@
-"""Atomic outputs: a folder is written under a temporary name and renamed into place.
+"""File I/O: atomic outputs, JSON/JSONL files with file:line errors, and file hashes.
 
-Owns the rule that no stage ever leaves a half-written output behind, and that a stage checks
-its output locations can be written before its long work starts (`check_writable`).
+Owns the rule that no stage ever leaves a half-written output behind (a folder or file is written
+under a temporary name, fsynced, then renamed into place), that a stage checks its output
+locations can be written before its long work starts (`check_writable`), and how an input file
+that cannot be read is reported: `DataError`, one line naming the file and line and the fix.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
 from grpo.errors import UserError
+
+_FIX_LINE = "fix or remove the line"
+
+
+class DataError(UserError, ValueError):
+    """Bad input data; message is one line naming file:line and the fix."""
+
+
+def short_repr(value: Any, limit: int = 40) -> str:
+    """repr of `value` cut to `limit` characters, for one-line messages.
+
+    >>> short_repr("x" * 50)
+    "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx..."
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _unwritable(path: Path, err: OSError) -> UserError:
@@ -136,3 +156,108 @@ def atomic_write(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line; DataError on unreadable files/lines."""
+    try:
+        with path.open("rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start + 1} "
+                        f"of the line); fix that line or re-save the file as UTF-8"
+                    ) from err
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); "
+                        f"{_FIX_LINE}"
+                    ) from err
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: file not found; check the path") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror}); check the path") from err
+
+
+def read_jsonl(path: str | Path, strings: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per non-blank line; DataError naming file:line.
+
+    String `id`s, where objects have them, must be unique (records and predictions are keyed
+    by id); every object must hold the keys `strings` with string values (prepared records:
+    a stage reads them long after it starts).
+    """
+    path = Path(path)
+    rows, first_line = [], {}
+    for lineno, obj in json_lines(path):
+        if not isinstance(obj, dict):
+            kind = type(obj).__name__
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {kind}; {_FIX_LINE}")
+        for name in strings:
+            if not isinstance(obj.get(name), str):
+                raise DataError(
+                    f"{path}:{lineno}: missing '{name}' or not a string; re-create the file "
+                    f"(dvc repro prepare) or {_FIX_LINE}"
+                )
+        key = obj.get("id")
+        if isinstance(key, str):
+            if key in first_line:
+                raise DataError(
+                    f"{path}:{lineno}: duplicate id {short_repr(key)} (first on line "
+                    f"{first_line[key]}); remove or rename one of them"
+                )
+            first_line[key] = lineno
+        rows.append(obj)
+    return rows
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write `rows` as JSON lines to `path` atomically (complete file or no change).
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "sub" / "rows.jsonl"
+    >>> write_jsonl_atomic(out, [{"id": "a"}, {"id": "b"}])
+    >>> read_jsonl(out)
+    [{'id': 'a'}, {'id': 'b'}]
+    """
+
+    def write(handle: IO[str]) -> None:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    atomic_write(path, write)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write one JSON document (indent 2, key order kept, trailing newline) atomically."""
+
+    def write(handle: IO[str]) -> None:
+        json.dump(obj, handle, indent=2, sort_keys=False, ensure_ascii=False)
+        handle.write("\n")
+
+    atomic_write(path, write)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes.
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+    >>> _ = f.write_bytes(b"abc")
+    >>> sha256_file(f)[:16]
+    'ba7816bf8f01cfea'
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror}); check the path") from err
+    return digest.hexdigest()

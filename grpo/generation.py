@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from grpo.answer_format import ANSWER_CLOSE
 from grpo.decoding import decode
 from grpo.sampling import GREEDY, Sampling, SeededSampler, greedy_choice
 
@@ -147,9 +148,6 @@ def generate(
         texts=texts,
         num_tokens=[int(n) for n in lengths],
     )
-
-
-ANSWER_CLOSE = "</answer>"
 
 
 def truncate_at_answer(gen: Generated, tokenizer: PreTrainedTokenizerBase) -> Generated:

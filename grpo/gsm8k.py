@@ -1,10 +1,22 @@
-"""Fetch GSM8K from the Hugging Face hub or a local mirror, and split it into train/eval records.
+"""GSM8K: fetch it from the Hugging Face hub or a local mirror, validate it, split it into records.
 
 Owns where the data comes from: the hub dataset (`data.hub_id`, `data.hub_config`) when it can be
 reached, else the first existing folder of `data.mirrors` holding the official `train.jsonl` and
 `test.jsonl`. The provenance (source, sha256 of what was read, row counts) travels with the output.
+
+Owns what a valid GSM8K row is (a non-empty string `question`, asked once per split, and an
+`answer` whose text after the last "####" is a number) and the prepared record format
+``{"id", "question", "solution", "gold"}`` (ids unique). Bad rows raise `DataError`, whose
+one-line message names the file and line (or the dataset and row) and the fix.
+
 Eval records come only from the official test split, train records only from the train split;
 train questions that also occur in the test split are dropped so they can never leak into eval.
+
+>>> row = {"question": " Natalia sold 48 clips in April and half as many in May. Total? ",
+...        "answer": "In May: 48/2 = <<48/2=24>>24\\nTotal: 48+24 = <<48+24=72>>72\\n#### 72"}
+>>> record = make_record("train", 3, row)
+>>> record["id"], record["question"][:14], record["gold"]
+('train-00003', 'Natalia sold 4', '72')
 """
 
 from __future__ import annotations
@@ -12,15 +24,117 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpo.answer_format import normalize_number
 from grpo.config import DataConfig
-from grpo.data import DataError, make_record, read_gsm8k_jsonl, sha256_file, validate_rows
+from grpo.fsutil import DataError, json_lines, sha256_file, short_repr
 from grpo.hub import hub_unreachable
 
 SPLITS = ("train", "test")
+
+
+def parse_gold(answer: str) -> str:
+    """The normalized number after the last "####" of a GSM8K answer.
+
+    >>> parse_gold("48+24 = <<48+24=72>>72\\n#### 1,080")
+    '1080'
+    >>> parse_gold("#### abc")
+    Traceback (most recent call last):
+    ...
+    ValueError: gold answer 'abc' is not a number
+    """
+    if "####" not in answer:
+        raise ValueError("no '####' before the final answer")
+    tail = answer.rsplit("####", 1)[1].strip()
+    gold = normalize_number(tail)
+    if gold is None:
+        raise ValueError(f"gold answer {short_repr(tail)} is not a number")
+    return gold
+
+
+def _check_row(row: Any, where: str, fix: str) -> dict[str, str]:
+    """{"question", "answer"} of one raw row; DataError naming `where` if it is not valid."""
+    if not isinstance(row, Mapping):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}; {fix}")
+    for key in ("question", "answer"):
+        if key not in row:
+            raise DataError(f"{where}: missing '{key}'; {fix}")
+        if not isinstance(row[key], str):
+            kind = type(row[key]).__name__
+            raise DataError(f"{where}: '{key}' must be a string, got {kind}; {fix}")
+        if not row[key].strip():
+            raise DataError(f"{where}: '{key}' is empty; {fix}")
+    try:
+        parse_gold(row["answer"])
+    except ValueError as err:
+        raise DataError(f"{where}: {err} in 'answer'; {fix}") from err
+    return {"question": row["question"], "answer": row["answer"]}
+
+
+def _check_rows(
+    numbered: Iterable[tuple[int, Any]], prefix: str, unit: str, verb: str
+) -> list[dict[str, str]]:
+    """Valid rows of (position, raw row) pairs, no question asked twice.
+
+    A DataError names `prefix` + the position, e.g. "train.jsonl:3" (unit "line", verb "remove")
+    or "hub/train: row 3" (unit "row", verb "drop").
+    """
+    rows, first = [], {}
+    for position, raw in numbered:
+        row = _check_row(raw, f"{prefix}{position}", f"fix or {verb} the {unit}")
+        question = row["question"].strip()
+        if question in first:
+            raise DataError(
+                f"{prefix}{position}: duplicate of {unit} {first[question]} (same question); "
+                f"{verb} one of them"
+            )
+        first[question] = position
+        rows.append(row)
+    return rows
+
+
+def read_gsm8k_jsonl(path: str | Path) -> list[dict[str, str]]:
+    """Validated rows {"question", "answer"} of an official-format GSM8K JSONL file.
+
+    Blank lines are skipped and extra keys ignored; any bad line, or a file without rows, raises
+    `DataError` naming the file and line.
+    """
+    path = Path(path)
+    rows = _check_rows(json_lines(path), f"{path}:", "line", "remove")
+    if not rows:
+        raise DataError(
+            f"{path}: no rows; write one JSON object {{question, answer}} per line, or point "
+            f"data.mirrors at the official files"
+        )
+    return rows
+
+
+def validate_rows(rows: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, str]]:
+    """Validated rows {"question", "answer"} from another source (e.g. the Hugging Face hub).
+
+    >>> validate_rows([{"question": "1+1?", "answer": "#### 2"}, {"question": "?"}], "hub/train")
+    Traceback (most recent call last):
+    ...
+    grpo.fsutil.DataError: hub/train: row 1: missing 'answer'; fix or drop the row
+    """
+    checked = _check_rows(enumerate(rows), f"{source}: row ", "row", "drop")
+    if not checked:
+        raise DataError(f"{source}: no rows; check the dataset name, config and split")
+    return checked
+
+
+def make_record(split: str, index: int, row: Mapping[str, str]) -> dict[str, str]:
+    """The prepared record of row `index` of `split`: id, stripped question, solution, gold."""
+    return {
+        "id": f"{split}-{index:05d}",
+        "question": row["question"].strip(),
+        "solution": row["answer"],
+        "gold": parse_gold(row["answer"]),
+    }
 
 
 @dataclass

@@ -34,9 +34,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from grpo.data import read_jsonl
 from grpo.errors import UserError
-from grpo.fsutil import atomic_write
+from grpo.fsutil import atomic_write, read_jsonl
 
 FIX = "run dvc repro"
 

@@ -19,10 +19,9 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo.config import SftConfig
-from grpo.data import sft_completion
 from grpo.device import autocast, reproducible
 from grpo.errors import UserError
-from grpo.prompts import chat_prompt
+from grpo.prompts import chat_prompt, sft_completion
 from grpo.schedule import lr_factor
 
 log = logging.getLogger(__name__)

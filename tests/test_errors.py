@@ -28,7 +28,7 @@ import pytest
 import tiny
 import yaml
 
-from grpo import config, data, fsutil
+from grpo import config, fsutil, gsm8k
 from stages import _cli, base_model, evaluate, prepare, report, sft, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def _records(tmp: Path, split: str) -> Path:
     """The prepared records of a fixture split, as the prepare stage writes them."""
     path = tmp / f"{split}-records.jsonl"
     rows = [{"question": q, "answer": a} for q, a in tiny.GSM8K_ROWS[split]]
-    _lines(path, *(json.dumps(data.make_record(split, i, r)) for i, r in enumerate(rows)))
+    _lines(path, *(json.dumps(gsm8k.make_record(split, i, r)) for i, r in enumerate(rows)))
     return path
 
 
@@ -194,7 +194,7 @@ def _sft_diverges(ctx: Ctx) -> None:
         enabled=True, learning_rate=1e30, num_examples=4, batch_size=2, epochs=2, warmup_steps=0
     )
     rows = [json.loads(line) for line in ctx.args["data"].read_text().splitlines()]
-    records = [data.make_record("train", i, row) for i, row in enumerate(rows)]
+    records = [gsm8k.make_record("train", i, row) for i, row in enumerate(rows)]
     ctx.args["data"] = ctx.tmp / "train.jsonl"
     _lines(ctx.args["data"], *(json.dumps(r) for r in records))
 
@@ -629,7 +629,7 @@ def test_evaluate_writes_predictions_and_metrics_as_one_unit(
     monkeypatch.setattr(evaluate, "write_json_atomic", write_metrics)
     _cli.run("evaluate", evaluate.main, args)
     assert set(_tree(tmp_path)) == set(before)  # the same files, no temp file beside them
-    predictions = data.read_jsonl(args.predictions)
+    predictions = fsutil.read_jsonl(args.predictions)
     assert [p["id"] for p in predictions] == [f"test-{i:05d}" for i in range(6)]
     assert json.loads(Path(args.metrics).read_text())["n"] == 6
 
@@ -668,7 +668,7 @@ def _checkpoint(tmp: Path, model_dir: Path) -> Path:
     ids=["zero-tokens", "negative-tokens", "missing-model", "model-is-a-file", "checkpoint"],
 )  # fmt: skip
 def test_generate_bad_arguments_fail_at_once(argv, expect, tmp_path, tiny_model_dir, capsys):
-    from grpo import generate
+    from stages import generate
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(config.default_params_dict()))
     ckpt = _checkpoint(tmp_path, tiny_model_dir)
@@ -739,7 +739,7 @@ def test_ctrl_c_during_a_real_evaluation_gives_one_line_and_no_output(tmp_path, 
     raw["eval"].update(batch_size=2, max_new_tokens=200)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     q, a = tiny.GSM8K_ROWS["test"][0]
-    rows = [data.make_record("test", i, {"question": q, "answer": a}) for i in range(400)]
+    rows = [gsm8k.make_record("test", i, {"question": q, "answer": a}) for i in range(400)]
     _lines(tmp_path / "records.jsonl", *(json.dumps(r) for r in rows))
     before = _tree(tmp_path)
     cmd = [

@@ -13,7 +13,7 @@ import tiny
 import yaml
 
 from grpo import config, model
-from grpo.data import make_record
+from grpo.gsm8k import make_record
 from stages import _cli, base_model, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,35 +1,23 @@
-"""Tests of grpo.data: GSM8K validation with file:line errors, records, SFT targets, atomic I/O."""
+"""Tests of grpo.gsm8k: GSM8K validation with file:line errors, gold answers, records, mirrors."""
 
 from __future__ import annotations
 
 import doctest
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_fsutil import write_lines
 
-import grpo.data
-from grpo.data import (
-    DataError,
-    build_messages,
+import grpo.gsm8k
+from grpo.fsutil import DataError
+from grpo.gsm8k import (
     make_record,
     parse_gold,
     read_gsm8k_jsonl,
-    read_jsonl,
-    reasoning_text,
-    sft_completion,
-    sha256_file,
-    strip_calculator,
+    resolve_mirror,
     validate_rows,
-    write_json_atomic,
-    write_jsonl_atomic,
 )
-from grpo.errors import UserError
-from grpo.rewards import grade, is_well_formed
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Real GSM8K train rows, copied (the tests never read the data folder).
 NATALIA = {
@@ -49,11 +37,6 @@ THOUSANDS = {
     "answer": "9 * 120 = <<9*120=1080>>1080 pens.\n#### 1,080",
 }
 GOOD_LINE = json.dumps(NATALIA)
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
 
 
 @pytest.mark.parametrize(
@@ -125,11 +108,6 @@ def test_read_gsm8k_jsonl_errors_name_file_and_line(
     assert "\n" not in message
 
 
-def test_data_error_is_a_user_error_and_a_value_error() -> None:
-    assert issubclass(DataError, UserError)
-    assert issubclass(DataError, ValueError)
-
-
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
 def test_read_gsm8k_jsonl_empty_file(tmp_path: Path, content: str) -> None:
     path = tmp_path / "test.jsonl"
@@ -181,6 +159,19 @@ def test_validate_rows_empty() -> None:
         validate_rows([], "openai/gsm8k[main]/test")
 
 
+def test_a_question_asked_twice_names_both_places(tmp_path: Path) -> None:
+    again = json.dumps({**NATALIA, "question": " " + NATALIA["question"], "answer": "#### 1"})
+    path = write_lines(tmp_path / "train.jsonl", [GOOD_LINE, json.dumps(WENG), "", again])
+    with pytest.raises(DataError) as info:
+        read_gsm8k_jsonl(path)
+    assert str(info.value) == (f"{path}:4: duplicate of line 1 (same question); remove one of them")
+    with pytest.raises(DataError) as info:
+        validate_rows([WENG, NATALIA, json.loads(again)], "openai/gsm8k[main]/train")
+    assert str(info.value) == (
+        "openai/gsm8k[main]/train: row 2: duplicate of row 1 (same question); drop one of them"
+    )
+
+
 def test_make_record() -> None:
     row = {**NATALIA, "question": "  " + NATALIA["question"] + "\n"}
     assert make_record("train", 7, row) == {
@@ -193,145 +184,8 @@ def test_make_record() -> None:
     assert make_record("test", 0, THOUSANDS)["gold"] == "1080"
 
 
-def test_strip_calculator_and_reasoning_text() -> None:
-    assert strip_calculator(WENG["answer"]) == (
-        "Weng earns 12/60 = $0.2 per minute.\n"
-        "Working 50 minutes, she earned 0.2 x 50 = $10.\n#### 10"
-    )
-    assert reasoning_text(WENG["answer"]) == (
-        "Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $10."
-    )
-    assert strip_calculator("no annotations") == "no annotations"
-    assert reasoning_text("  just text  ") == "just text"
-
-
-@pytest.mark.parametrize("row", [NATALIA, WENG, THOUSANDS])
-def test_sft_completion_is_well_formed_and_correct(row: dict[str, str]) -> None:
-    record = make_record("train", 0, row)
-    target = sft_completion(record["solution"], record["gold"])
-    assert "<<" not in target
-    assert "####" not in target
-    assert is_well_formed(target)
-    assert is_well_formed(target + "<|im_end|>")
-    assert grade(target, record["gold"]).strict_correct
-
-
-def test_sft_completion_text() -> None:
-    assert sft_completion(NATALIA["answer"], "72") == (
-        "<reasoning>\n"
-        "Natalia sold 48/2 = 24 clips in May.\n"
-        "Natalia sold 48+24 = 72 clips altogether in April and May.\n"
-        "</reasoning>\n"
-        "<answer>\n72\n</answer>"
-    )
-
-
-def test_build_messages() -> None:
-    assert build_messages("How many?", "Respond in the format") == [
-        {"role": "system", "content": "Respond in the format"},
-        {"role": "user", "content": "How many?"},
-    ]
-    assert build_messages("How many?", "") == [{"role": "user", "content": "How many?"}]
-
-
-def test_read_jsonl(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "records.jsonl", ['{"id": "a"}', "", '{"id": "b", "n": 1}'])
-    assert read_jsonl(path) == [{"id": "a"}, {"id": "b", "n": 1}]
-    assert read_jsonl(write_lines(tmp_path / "empty.jsonl", [])) == []
-
-
-@pytest.mark.parametrize(
-    ("bad_line", "match"), [("{oops", "malformed JSON"), ("[1]", "expected a JSON object")]
-)
-def test_read_jsonl_errors_name_file_and_line(tmp_path: Path, bad_line: str, match: str) -> None:
-    path = write_lines(tmp_path / "records.jsonl", ['{"id": "a"}', bad_line])
-    with pytest.raises(DataError, match=match) as info:
-        read_jsonl(path)
-    assert f"{path}:2: " in str(info.value)
-
-
-def test_read_jsonl_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"records\.jsonl: file not found"):
-        read_jsonl(tmp_path / "records.jsonl")
-
-
-def test_write_jsonl_atomic_round_trip(tmp_path: Path) -> None:
-    path = tmp_path / "new" / "deeper" / "rows.jsonl"
-    rows = [{"id": "a", "text": "Zoë paid 5€"}, {"id": "b", "n": 1.5, "ok": True}]
-    write_jsonl_atomic(path, iter(rows))
-    assert read_jsonl(path) == rows
-    assert path.read_text(encoding="utf-8").count("\n") == 2
-    assert sorted(p.name for p in path.parent.iterdir()) == ["rows.jsonl"]
-    write_jsonl_atomic(path, rows[:1])
-    assert read_jsonl(path) == rows[:1]
-
-
-def test_write_json_atomic_round_trip(tmp_path: Path) -> None:
-    path = tmp_path / "metrics" / "m.json"
-    obj = {"z": 1, "a": [1, 2], "name": "base"}
-    write_json_atomic(path, obj)
-    text = path.read_text(encoding="utf-8")
-    assert json.loads(text) == obj
-    assert list(json.loads(text)) == ["z", "a", "name"]  # key order kept
-    assert text.endswith("}\n")
-    assert '\n  "z": 1' in text  # indent 2
-
-
-def test_write_jsonl_atomic_failure_leaves_no_partial_file(tmp_path: Path) -> None:
-    path = tmp_path / "out" / "rows.jsonl"
-    rows = [{"id": "a"}, {"id": "b"}, {"id": "c", "bad": object()}]
-    with pytest.raises(TypeError, match="not JSON serializable"):
-        write_jsonl_atomic(path, rows)
-    assert list(path.parent.iterdir()) == []
-
-
-def test_write_jsonl_atomic_failure_keeps_previous_file(tmp_path: Path) -> None:
-    path = tmp_path / "rows.jsonl"
-    write_jsonl_atomic(path, [{"id": "old"}])
-
-    def rows():
-        yield {"id": "new-1"}
-        raise RuntimeError("generator failed midway")
-
-    with pytest.raises(RuntimeError, match="midway"):
-        write_jsonl_atomic(path, rows())
-    assert read_jsonl(path) == [{"id": "old"}]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
-
-
-def test_write_json_atomic_failure_leaves_no_partial_file(tmp_path: Path) -> None:
-    path = tmp_path / "metrics.json"
-    with pytest.raises(TypeError, match="not JSON serializable"):
-        write_json_atomic(path, {"ok": 1, "bad": {1, 2}})
-    assert list(tmp_path.iterdir()) == []
-    write_json_atomic(path, {"ok": 1})
-    with pytest.raises(TypeError):
-        write_json_atomic(path, {"ok": 2, "bad": object()})
-    assert json.loads(path.read_text()) == {"ok": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
-
-
-def test_sha256_file(tmp_path: Path) -> None:
-    path = tmp_path / "x.bin"
-    path.write_bytes(b"")
-    assert sha256_file(path) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    with pytest.raises(DataError, match=r"missing\.bin: cannot read"):
-        sha256_file(tmp_path / "missing.bin")
-
-
-def test_no_torch_import() -> None:
-    code = (
-        "import sys, grpo.data, grpo.rewards; "
-        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "[]"
-
-
 def test_doctests() -> None:
-    result = doctest.testmod(grpo.data)
+    result = doctest.testmod(grpo.gsm8k)
     assert result.attempted > 0
     assert result.failed == 0
 
@@ -339,8 +193,6 @@ def test_doctests() -> None:
 def test_relative_mirror_is_taken_from_the_project_in_a_queued_experiment(tmp_path):
     """`dvc exp run --queue` runs stages in <project>/.dvc/tmp/exps/<run>: a relative mirror
     such as ../shared/data/gsm8k still means the one beside the project."""
-    from grpo.gsm8k import resolve_mirror
-
     project = tmp_path / "project"
     run_dir = project / ".dvc" / "tmp" / "exps" / "tmpab12"
     run_dir.mkdir(parents=True)
