@@ -263,7 +263,7 @@ class TrainConfig(_Section):
     micro_batch_size: int
     """Sequences per forward/backward chunk (gradient accumulation inside a step)."""
     gradient_checkpointing: bool
-    """Recompute activations in the backward pass (less memory, ~30% slower)."""
+    """Recompute activations in the backward pass (less memory, one more forward pass)."""
     torch_compile: bool
     """torch.compile the training forward (dynamic shapes); pays off on GPUs for long runs."""
     save_every: int

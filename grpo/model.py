@@ -10,7 +10,6 @@ saved. Saved models are safetensors + tokenizer + generation config, loadable by
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -18,7 +17,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,7 +31,7 @@ from transformers import (
 
 from grpo import device
 from grpo.errors import UserError
-from grpo.fsutil import atomic_dir
+from grpo.fsutil import atomic_dir, sha256_file
 from grpo.hub import hub_unreachable
 
 log = logging.getLogger(__name__)
@@ -274,6 +273,42 @@ def check_finite(model: PreTrainedModel, where: str | Path) -> None:
             )
 
 
+class Loaded(NamedTuple):
+    """A model folder loaded for a stage or command."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: list[int]
+    """Every EOS id of the model (`eos_token_ids`)."""
+
+
+def load_folder(
+    folder: str | Path,
+    *,
+    dtype: str = "auto",
+    attn_implementation: str = "auto",
+    trust_remote_code: bool = False,
+    finite: bool = False,
+    target: torch.device | None = None,
+) -> Loaded:
+    """The tokenizer and model of a local model (or LoRA adapter) folder, and its EOS ids: what
+    every entry point loads. `finite` checks the weights (`check_finite`); `target` is the device
+    the model moves to (None: it stays on the CPU, e.g. for a trainer that places it)."""
+    source = ModelSource("dir", str(folder))
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    model = load_model(
+        source,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    if finite:
+        check_finite(model, folder)
+    if target is not None:
+        model.to(target)
+    return Loaded(model, tokenizer, eos_token_ids(model, tokenizer))
+
+
 def add_lora(model: PreTrainedModel, rank: int, alpha: float, targets: list[str]):
     """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen and keep
     their dtype (bf16 on a GPU halves their memory), the adapters (and so their AdamW states)
@@ -301,21 +336,13 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return ids
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe_source(source: ModelSource, model: PreTrainedModel) -> dict[str, Any]:
     """Provenance recorded next to a materialized model."""
     info: dict[str, Any] = {k: v for k, v in asdict(source).items() if v is not None}
     if source.package:
         info["package_version"] = importlib.metadata.version(source.package.replace("_", "-"))
     if source.gguf_file:
-        info["gguf_sha256"] = sha256_of(Path(source.location) / source.gguf_file)
+        info["gguf_sha256"] = sha256_file(Path(source.location) / source.gguf_file)
     if source.kind == "hub":
         info["commit"] = getattr(model.config, "_commit_hash", None)
     info["num_parameters"] = sum(p.numel() for p in model.parameters())

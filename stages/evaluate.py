@@ -1,8 +1,9 @@
-"""Stage `evaluate`: batched greedy evaluation of a model folder on the prepared eval records.
+"""Stage `evaluate`: batched evaluation of a model folder on the prepared eval records.
 
     python -m stages.evaluate --model models/base --data data/prepared/eval.jsonl \
         --metrics metrics/base.json --predictions metrics/base_predictions.jsonl
 
+Greedy by default; `eval.temperature` > 0 samples with per-question seeds from `eval.seed`.
 Writes the metrics JSON (accuracies and format rate with Wilson 95% intervals, completion length,
 truncation rate, tokens/s) and one prediction per question for the report. Runs on the device
 `grpo.device` picks (a GPU when CUDA is available), in the dtype of `model.dtype`.
@@ -21,9 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from grpo import config, device, model, preflight
-from grpo.data import read_jsonl, write_json_atomic, write_jsonl_atomic
 from grpo.evaluate import evaluate
-from grpo.fsutil import atomic_files, check_writable
+from grpo.fsutil import (
+    atomic_files,
+    check_writable,
+    read_jsonl,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from stages import _cli
 
 log = logging.getLogger(__name__)
@@ -53,17 +59,15 @@ def main(args) -> None:
         log.info("%s: unchanged copy of %s, not evaluated again", args.model, copy_of)
         return
     records = read_jsonl(args.data, strings=("id", "question", "gold"))
-    source = model.ModelSource("dir", args.model)
-    tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
-    lm = model.load_model(
-        source,
+    target = device.pick_device()
+    lm, tokenizer, eos_ids = model.load_folder(
+        args.model,
         dtype=params.model.dtype,
         attn_implementation=params.model.attn_implementation,
         trust_remote_code=params.model.trust_remote_code,
+        target=target,
     )
-    target = device.pick_device()
     log.info("evaluating on %s", device.describe(target))
-    lm.to(target)
     metrics, predictions = evaluate(
         lm,
         tokenizer,
@@ -73,7 +77,7 @@ def main(args) -> None:
         max_new_tokens=params.eval.max_new_tokens,
         temperature=params.eval.temperature,
         seed=params.eval.seed,
-        eos_ids=model.eos_token_ids(lm, tokenizer),
+        eos_ids=eos_ids,
     )
     _write_outputs(args, predictions, metrics)
     log.info("%s: %s", args.metrics, json.dumps({k: round(v, 4) for k, v in metrics.items()}))

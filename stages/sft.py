@@ -15,8 +15,7 @@ import logging
 import shutil
 
 from grpo import config, device, model, preflight
-from grpo.data import read_jsonl
-from grpo.fsutil import atomic_dir, check_writable
+from grpo.fsutil import atomic_dir, check_writable, read_jsonl
 from grpo.sft import train_sft
 from stages import _cli
 
@@ -26,7 +25,6 @@ log = logging.getLogger(__name__)
 def main(args) -> None:
     params = config.load(args.params)
     check_writable(args.out)
-    source = model.ModelSource("dir", args.model)
     if not params.sft.enabled:
         model.check_model_dir(args.model)
         with atomic_dir(args.out) as tmp:
@@ -43,19 +41,17 @@ def main(args) -> None:
             f"{len(records)} records in {args.data}; set it to at most {len(records)} or raise "
             f"data.train_size"
         )
-    tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
-    lm = model.load_model(
-        source,
+    target = device.pick_device()
+    lm, tokenizer, eos_ids = model.load_folder(
+        args.model,
         dtype="float32",  # fp32 master weights; bf16 autocast where bf16 is native
         attn_implementation=params.model.attn_implementation,
         trust_remote_code=params.model.trust_remote_code,
+        target=target,
     )
-    target = device.pick_device()
     log.info("sft on %s", device.describe(target))
-    lm.to(target)
-    eos_id = model.eos_token_ids(lm, tokenizer)[0]
     losses = train_sft(
-        lm, tokenizer, records, params.sft, system=params.prompt.system, eos_id=eos_id
+        lm, tokenizer, records, params.sft, system=params.prompt.system, eos_id=eos_ids[0]
     )
     model.save_model_atomic(
         lm, tokenizer, args.out, extra={"enabled": True, "losses": losses, "from": args.model}

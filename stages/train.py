@@ -32,9 +32,8 @@ from pathlib import Path
 
 from grpo import checkpoint, config, distributed, model, preflight
 from grpo import launch as launcher
-from grpo.data import read_jsonl, sha256_file
 from grpo.errors import UserError
-from grpo.fsutil import check_writable
+from grpo.fsutil import check_writable, read_jsonl, sha256_file
 from grpo.rewards import RewardFunctions
 from grpo.run import Interrupted, Run
 from grpo.trainer import GRPOTrainer
@@ -97,7 +96,7 @@ def main(args) -> None:
     worker = "LOCAL_RANK" in os.environ  # started by a launcher
     if not worker:  # the launcher (or the only process) checks, once
         topo = launcher.topology(nproc)
-        check_batch_split(cfg, topo.world)
+        config.check_batch_split(cfg, topo.world)
         check_writable(args.out, args.checkpoints, args.log_dir)
         preflight.check_train(params, args.model)  # CUDA, GPUs, memory: before any work
         if topo.world > 1:
@@ -120,33 +119,20 @@ def main(args) -> None:
             distributed.abort()
 
 
-def check_batch_split(cfg: config.TrainConfig, processes: int) -> None:
-    """Every process needs one row of the global batch at least (rows split in any count)."""
-    rows = cfg.batch_size * cfg.num_generations
-    if rows < processes:
-        raise UserError(
-            f"params.yaml: train.batch_size: {cfg.batch_size} prompts x {cfg.num_generations} "
-            f"generations = {rows} rows, fewer than {processes} processes; set train.batch_size "
-            f"to {-(-processes // cfg.num_generations)} or more, or lower train.nproc_per_node"
-        )
-
-
 def train(params, args, d: distributed.Dist, strategy: str) -> None:
     cfg = params.train
-    check_batch_split(cfg, d.world)
+    config.check_batch_split(cfg, d.world)
     records = read_jsonl(args.data, strings=("question", "gold"))
-    source = model.ModelSource("dir", args.model)
-    tokenizer = model.load_tokenizer(source, params.model.trust_remote_code)
     # fp32 master weights, bf16 autocast on a capable GPU; LoRA trains fp32 adapters only, so
     # its frozen base stays in model.dtype (bf16 on a bf16-capable GPU)
     base_dtype = params.model.dtype
-    lm = model.load_model(
-        source,
+    lm, tokenizer, eos_ids = model.load_folder(
+        args.model,
         dtype=base_dtype if params.model.lora_rank > 0 else "float32",
         attn_implementation=params.model.attn_implementation,
         trust_remote_code=params.model.trust_remote_code,
+        finite=True,
     )
-    model.check_finite(lm, args.model)
     m = params.model
     lora_rank, lora_alpha, lora_targets, lora_save = (
         m.lora_rank,
@@ -175,7 +161,7 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
         cfg,
         RewardFunctions(params.reward),
         system=params.prompt.system,
-        eos_ids=model.eos_token_ids(lm, tokenizer),
+        eos_ids=eos_ids,
         checkpoint_dir=ckpt_dir,
         dist=d,
         strategy=strategy,

@@ -14,9 +14,9 @@ import tiny
 import torch
 import yaml
 
-from grpo import config, device, generate, model, trainer
+from grpo import config, device, model, trainer
 from grpo.device import DeviceError
-from stages import evaluate, sft
+from stages import evaluate, generate, sft
 
 Props = namedtuple("Props", "name total_memory")
 GiB = 2**30

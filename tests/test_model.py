@@ -64,6 +64,35 @@ def test_tokenizer_without_chat_template_falls_back(tiny_model_dir, tmp_path, ca
     assert "no chat template" in caplog.text
 
 
+def test_load_folder_gives_model_tokenizer_and_eos_ids(tiny_model_dir):
+    lm, tok, eos_ids = model.load_folder(
+        tiny_model_dir, dtype="bfloat16", attn_implementation="eager"
+    )
+    assert lm.dtype == torch.bfloat16 and lm.config._attn_implementation == "eager"
+    assert tok.pad_token_id is not None
+    assert eos_ids == model.eos_token_ids(lm, tok) == [2]
+    assert next(lm.parameters()).device.type == "cpu"  # no target: it stays where it loaded
+
+
+def test_load_folder_moves_the_model_to_the_target(tiny_model_dir):
+    lm = model.load_folder(tiny_model_dir, target=torch.device("meta")).model
+    assert {p.device.type for p in lm.parameters()} == {"meta"}
+
+
+def test_load_folder_checks_the_weights_only_when_asked(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "diverged"
+    shutil.copytree(tiny_model_dir, folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        next(lm.parameters()).view(-1)[0] = float("nan")
+    lm.save_pretrained(folder)
+    model.load_folder(folder)  # a command that only looks at the model
+    with pytest.raises(ModelError, match=f"{folder}: weight .* is not finite"):
+        model.load_folder(folder, finite=True)
+
+
 def test_auto_choices_on_cpu():
     assert model.pick_dtype("auto") == torch.float32
     assert model.pick_attention("auto") == "sdpa"

@@ -1,6 +1,6 @@
 """Try a model on your own question, with the same prompt format as training and evaluation.
 
-    python -m grpo.generate --model models/grpo "A pen costs $2. How much do 5 pens cost?"
+    python -m stages.generate --model models/grpo "A pen costs $2. How much do 5 pens cost?"
 
 Greedy by default (`--temperature` to sample); prints the completion and the extracted answers.
 The system prompt comes from params.yaml (`prompt.system`) unless `--system` is given. Runs on the
@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from grpo import config, device, model
+from grpo.answer_format import extract_last_number, extract_tagged_answer
 from grpo.errors import UserError
 from grpo.generation import generate, generation_config
 from grpo.prompts import chat_prompt
-from grpo.rewards import extract_last_number, extract_tagged_answer
 from grpo.sampling import Sampling, row_seeds
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -62,15 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         system = args.system if args.system is not None else config.load(args.params).prompt.system
-        source = model.ModelSource("dir", args.model)
-        tokenizer = model.load_tokenizer(source, False)
-        lm = model.load_model(source).to(device.pick_device())
+        lm, tokenizer, eos_ids = model.load_folder(args.model, target=device.pick_device())
     except UserError as err:
         print(f"error [generate]: {err}", file=sys.stderr)
         return 2
     cfg = generation_config(
         max_new_tokens=args.max_new_tokens,
-        eos_ids=model.eos_token_ids(lm, tokenizer),
+        eos_ids=eos_ids,
         pad_id=tokenizer.pad_token_id,
     )
     prompts = [chat_prompt(tokenizer, q, system) for q in args.question]
