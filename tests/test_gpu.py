@@ -29,8 +29,8 @@ import torch
 import yaml
 
 from grpo import config, device, memory, model, preset
-from grpo.data import write_jsonl_atomic
 from grpo.evaluate import evaluate
+from grpo.fsutil import write_jsonl_atomic
 from grpo.generation import generate, generation_config
 from grpo.prompts import chat_prompt
 from grpo.sampling import Sampling, row_seeds, stream_uniforms
@@ -138,7 +138,7 @@ def test_grpo_step_of_preset(name, tmp_path_factory):
 
 
 def train_estimate(name: str, world: int) -> memory.Estimate:
-    """`grpo.memory`'s per-GPU estimate of the step that ran (the one `grpo.preset show`
+    """`grpo.memory`'s per-GPU estimate of the step that ran (the one `stages.preset show`
     prints for the preset, at this world size and completion length)."""
     params = fx.step_params(name, TOKENS)
     settings = memory.TrainSettings.from_params(params)
@@ -272,7 +272,7 @@ def test_evaluation_batch_on_device(name):
     assert all(1 <= p["completion_tokens"] <= max_new_tokens for p in predictions)
     assert {p.device.type for p in lm.parameters()} == {DEVICE.type}
     assert DEVICE.type == "cpu" or dtype == torch.bfloat16
-    if DEVICE.type == "cuda":  # against what `grpo.preset show` prints for evaluate
+    if DEVICE.type == "cuda":  # against what `stages.preset show` prints for evaluate
         measured = torch.cuda.max_memory_allocated(DEVICE) - baseline
         shape = memory.shape_for(name)
         size = torch.finfo(dtype).bits // 8
