@@ -8,7 +8,6 @@ same parser as the rewards (`grpo.rewards.grade`).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,24 +19,7 @@ from grpo.generation import generate, generation_config
 from grpo.prompts import chat_prompt
 from grpo.rewards import grade
 from grpo.sampling import Sampling, row_seeds
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default).
-
-    >>> lo, hi = wilson_interval(27, 30)
-    >>> round(lo, 3), round(hi, 3)
-    (0.744, 0.965)
-    >>> wilson_interval(0, 0)
-    (0.0, 1.0)
-    """
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+from grpo.stats import wilson_interval
 
 
 def _rate(name: str, flags: Sequence[bool]) -> dict[str, float]:

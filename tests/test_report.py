@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo import report
+from grpo import eval_results, report
 from grpo.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def table_rows(table: str) -> dict[str, list[str]]:
 
 def test_comparison_table_values_intervals_and_deltas(tmp_path):
     metrics_paths, _ = write_inputs(tmp_path)
-    metrics = report.load_metrics(metrics_paths)
+    metrics = eval_results.load_metrics(metrics_paths)
     assert list(metrics.index) == ["base", "sft", "grpo"]
     rows = table_rows(report.comparison_table(metrics, "base"))
     assert rows["metric"] == ["base", "sft", "grpo", "sft − base", "grpo − base", "grpo − sft"]
@@ -130,7 +130,7 @@ def test_comparison_table_values_intervals_and_deltas(tmp_path):
 
 def test_comparison_table_two_models_and_unknown_baseline(tmp_path):
     metrics_paths, _ = write_inputs(tmp_path, labels=("base", "grpo"))
-    metrics = report.load_metrics(metrics_paths)
+    metrics = eval_results.load_metrics(metrics_paths)
     rows = table_rows(report.comparison_table(metrics, "base"))
     assert rows["metric"] == ["base", "grpo", "grpo − base"]
     with pytest.raises(UserError, match="baseline 'sft'"):
@@ -155,33 +155,6 @@ def test_flips_mismatched_ids_and_repeated_id():
         report.flips(a, b, names=("sft", "grpo"))
     with pytest.raises(UserError, match="q1 appears twice"):
         report.flips(a + a[:1], a)
-
-
-def test_curve_summary_quarters(tmp_path):
-    steps = list(range(1, 11))  # 10 rows: quarter = 2
-    write_curve(tmp_path, "reward/mean", steps, [float(s) for s in steps], timestamp=True)
-    summary = report.curve_summary(tmp_path)
-    assert summary["first_step"] == 1 and summary["last_step"] == 10
-    assert summary["quarter_steps"] == 2 and summary["steps"] == 10
-    assert summary["first_quarter_mean"] == pytest.approx(1.5)
-    assert summary["last_quarter_mean"] == pytest.approx(9.5)
-    assert summary["change"] == pytest.approx(8.0)
-
-
-def test_curve_summary_short_unsorted_and_missing(tmp_path):
-    write_curve(tmp_path, "reward/mean", [3, 1, 2], [3.0, 1.0, 2.0])  # quarter = max(1, 0)
-    summary = report.curve_summary(tmp_path)
-    assert (summary["first_step"], summary["last_step"], summary["quarter_steps"]) == (1, 3, 1)
-    assert (summary["first_quarter_mean"], summary["change"]) == (1.0, 2.0)
-    assert report.curve_summary(tmp_path / "nowhere") == {}
-
-
-def test_read_curve_rejects_wrong_columns(tmp_path):
-    path = tmp_path / "plots" / "metrics" / "kl.tsv"
-    path.parent.mkdir(parents=True)
-    path.write_text("step\tvalue\n1\t0.5\n")
-    with pytest.raises(UserError, match=r"kl\.tsv: expected columns 'step' and 'kl'"):
-        report.read_curve(tmp_path, "kl")
 
 
 def test_write_report_outputs_and_no_temp_files(tmp_path):
