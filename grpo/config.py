@@ -1,10 +1,8 @@
 """Typed, strict view of params.yaml: one frozen dataclass per section.
 
-Owns the schema of every hyperparameter. Loading fails on unknown keys (with the closest valid
-name), missing keys, wrong types and out-of-range values; numbers written as strings by
-`dvc exp run -S` (``2e-06``) are coerced where the field is a float. Every attribute read of a
-section is recorded, so a test can compare what a stage really reads with the `params:` list of
-its dvc.yaml entry (`read_keys`).
+Owns the schema of every hyperparameter: its type, its range and the checks across fields.
+Loading fails on unknown keys (with the closest valid name), missing keys, wrong types and
+out-of-range values, with one line naming the key (the machinery is `grpo.schema`).
 
 >>> cfg = Params.from_dict(default_params_dict())
 >>> cfg.train.learning_rate > 0
@@ -13,13 +11,7 @@ True
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import difflib
-import json
-import math
-import os
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from grpo.errors import UserError
-
-_READ: set[str] = set()
-_TRACKING = [True]
-TRACE_ENV = "GRPO_PARAMS_TRACE"
-
+from grpo.schema import ConfigError, Section, build, check, read_yaml
 
 ScaleRewards = Literal["group", "none"]
 """How rewards become advantages (`grpo.loss.group_advantages`)."""
@@ -44,46 +31,8 @@ SCALE_REWARDS: tuple[str, ...] = typing.get_args(ScaleRewards)
 LOSS_TYPES: tuple[str, ...] = typing.get_args(LossType)
 
 
-class ConfigError(UserError):
-    """params.yaml is invalid."""
-
-
-class _Section:
-    """Base of every section: records `section.key` on each field read."""
-
-    _name: ClassVar[str]
-
-    def __getattribute__(self, key: str) -> Any:
-        cls = object.__getattribute__(self, "__class__")
-        if _TRACKING[0] and key in cls.__dataclass_fields__:
-            _READ.add(f"{cls._name}.{key}")
-        return object.__getattribute__(self, key)
-
-    def validate(self) -> None:
-        """Range checks across fields; raise ConfigError. Default: nothing to check."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields, without recording them as read."""
-        return {f.name: object.__getattribute__(self, f.name) for f in dataclasses.fields(self)}
-
-
-FIX = "fix it in params.yaml"
-INT_LIMIT = 2**63
-"""Integers (seeds included) must fit a signed 64-bit integer, as torch and numpy take them."""
-
-
-def _error(key: str, msg: str, fix: str = FIX) -> ConfigError:
-    """The one-line error for `key`: what is wrong, then how to fix it."""
-    return ConfigError(f"params.yaml: {key}: {msg}; {fix}")
-
-
-def _check(cond: bool, key: str, msg: str, fix: str = FIX) -> None:
-    if not cond:
-        raise _error(key, msg, fix)
-
-
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     _name: ClassVar[str] = "data"
     hub_id: str
     """Hugging Face dataset id, tried first (`openai/gsm8k`); "" skips the hub."""
@@ -100,7 +49,7 @@ class DataConfig(_Section):
     """Seed of the train shuffle and the eval subset."""
 
     def validate(self) -> None:
-        _check(
+        check(
             bool(self.hub_id) or bool(self.mirrors),
             "data",
             "no source: hub_id is empty and mirrors is []",
@@ -108,11 +57,11 @@ class DataConfig(_Section):
         )
         for key in ("train_size", "eval_size"):
             value = getattr(self, key)
-            _check(value is None or value > 0, f"data.{key}", f"must be > 0 or null, got {value}")
+            check(value is None or value > 0, f"data.{key}", f"must be > 0 or null, got {value}")
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     _name: ClassVar[str] = "model"
     name: str
     """Hub id, local model folder, GGUF file, or `package:<pkg>/<file.gguf>` (a GGUF shipped in an
@@ -138,20 +87,20 @@ class ModelConfig(_Section):
     loads it on top of its base)."""
 
     def validate(self) -> None:
-        _check(bool(self.name.strip()), "model.name", "is empty", "set it to a hub id or a folder")
-        _check(self.lora_rank >= 0, "model.lora_rank", "must be >= 0 (0 = off)")
-        _check(self.lora_alpha > 0, "model.lora_alpha", "must be > 0")
+        check(bool(self.name.strip()), "model.name", "is empty", "set it to a hub id or a folder")
+        check(self.lora_rank >= 0, "model.lora_rank", "must be >= 0 (0 = off)")
+        check(self.lora_alpha > 0, "model.lora_alpha", "must be > 0")
 
 
 @dataclass(frozen=True)
-class PromptConfig(_Section):
+class PromptConfig(Section):
     _name: ClassVar[str] = "prompt"
     system: str
     """System message put before every question through the tokenizer's chat template."""
 
 
 @dataclass(frozen=True)
-class RewardConfig(_Section):
+class RewardConfig(Section):
     _name: ClassVar[str] = "reward"
     correct_exact: float
     """Reward when the tagged answer equals the gold answer string (tutorial: 2.0)."""
@@ -165,11 +114,11 @@ class RewardConfig(_Section):
 
     def validate(self) -> None:
         for key in ("correct_exact", "correct_numeric", "format_weight"):
-            _check(getattr(self, key) >= 0, f"reward.{key}", "must be >= 0")
+            check(getattr(self, key) >= 0, f"reward.{key}", "must be >= 0")
 
 
 @dataclass(frozen=True)
-class EvalConfig(_Section):
+class EvalConfig(Section):
     _name: ClassVar[str] = "eval"
     batch_size: int
     """Prompts generated together (left-padded, KV cache)."""
@@ -181,13 +130,13 @@ class EvalConfig(_Section):
     """Sampling seed (used when temperature > 0)."""
 
     def validate(self) -> None:
-        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
-        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
-        _check(self.temperature >= 0, "eval.temperature", "must be >= 0")
+        check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        check(self.temperature >= 0, "eval.temperature", "must be >= 0")
 
 
 @dataclass(frozen=True)
-class SftConfig(_Section):
+class SftConfig(Section):
     _name: ClassVar[str] = "sft"
     enabled: bool
     """Run the supervised format warm-up; off = `models/sft` is a copy of `models/base`."""
@@ -210,15 +159,15 @@ class SftConfig(_Section):
 
     def validate(self) -> None:
         for key in ("num_examples", "epochs", "batch_size"):
-            _check(getattr(self, key) >= 1, f"sft.{key}", "must be >= 1")
-        _check(self.learning_rate > 0, "sft.learning_rate", "must be > 0")
-        _check(self.warmup_steps >= 0, "sft.warmup_steps", "must be >= 0")
-        _check(self.weight_decay >= 0, "sft.weight_decay", "must be >= 0")
-        _check(self.max_grad_norm > 0, "sft.max_grad_norm", "must be > 0")
+            check(getattr(self, key) >= 1, f"sft.{key}", "must be >= 1")
+        check(self.learning_rate > 0, "sft.learning_rate", "must be > 0")
+        check(self.warmup_steps >= 0, "sft.warmup_steps", "must be >= 0")
+        check(self.weight_decay >= 0, "sft.weight_decay", "must be >= 0")
+        check(self.max_grad_norm > 0, "sft.max_grad_norm", "must be > 0")
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     _name: ClassVar[str] = "train"
     num_iterations: int
     """Outer loops; each starts with reference = frozen copy of the policy and a fresh AdamW."""
@@ -287,33 +236,33 @@ class TrainConfig(_Section):
 
     def validate(self) -> None:
         for key in ("num_iterations", "num_steps", "batch_size", "mu", "micro_batch_size"):
-            _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
-        _check(
+            check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
+        check(
             self.num_generations >= 2,
             "train.num_generations",
             f"must be >= 2 (got {self.num_generations}): with one completion per prompt every "
             f"group-relative advantage is zero",
             "set it to 2 or more",
         )
-        _check(
+        check(
             self.max_completion_length >= 1,
             "train.max_completion_length",
             f"must be >= 1, got {self.max_completion_length}",
         )
-        _check(self.temperature > 0, "train.temperature", "must be > 0 (rollouts sample)")
-        _check(0 < self.top_p <= 1, "train.top_p", "must be in (0, 1]")
-        _check(self.top_k >= 0, "train.top_k", "must be >= 0")
-        _check(self.beta >= 0, "train.beta", f"must be >= 0, got {self.beta}")
-        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-        _check(self.epsilon > 0, "train.epsilon", "must be > 0")
+        check(self.temperature > 0, "train.temperature", "must be > 0 (rollouts sample)")
+        check(0 < self.top_p <= 1, "train.top_p", "must be in (0, 1]")
+        check(self.top_k >= 0, "train.top_k", "must be >= 0")
+        check(self.beta >= 0, "train.beta", f"must be >= 0, got {self.beta}")
+        check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        check(self.epsilon > 0, "train.epsilon", "must be > 0")
         high = self.epsilon_high
-        _check(high is None or high >= self.epsilon, "train.epsilon_high", "must be >= epsilon")
-        _check(self.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
-        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _check(self.save_every >= 0, "train.save_every", "must be >= 0")
+        check(high is None or high >= self.epsilon, "train.epsilon_high", "must be >= epsilon")
+        check(self.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
+        check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        check(self.save_every >= 0, "train.save_every", "must be >= 0")
         nproc = self.nproc_per_node
-        _check(nproc == "auto" or nproc >= 1, "train.nproc_per_node", "must be >= 1 or auto")
+        check(nproc == "auto" or nproc >= 1, "train.nproc_per_node", "must be >= 1 or auto")
         if isinstance(nproc, int):  # auto: the stage checks the count it finds
             check_batch_split(self, nproc, counted="nproc_per_node=")
 
@@ -323,7 +272,7 @@ def check_batch_split(cfg: TrainConfig, processes: int, counted: str = "") -> No
     batch_size x num_generations rows split over processes in any count); `counted` prefixes
     the count in the message (`nproc_per_node=` when it is the params value)."""
     rows = cfg.batch_size * cfg.num_generations
-    _check(
+    check(
         rows >= processes,
         "train.batch_size",
         f"{cfg.batch_size} prompts x {cfg.num_generations} generations = {rows} rows, "
@@ -333,7 +282,7 @@ def check_batch_split(cfg: TrainConfig, processes: int, counted: str = "") -> No
     )
 
 
-SECTIONS: dict[str, type[_Section]] = {
+SECTIONS: dict[str, type[Section]] = {
     cls._name: cls
     for cls in (
         DataConfig,
@@ -345,81 +294,6 @@ SECTIONS: dict[str, type[_Section]] = {
         TrainConfig,
     )
 }
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(v) for v in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, coercing numeric strings for float fields."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                continue
-        raise _error(key, f"expected {' or '.join(map(_type_name, args))}, got {value!r}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise _error(key, f"must be one of {list(args)}, got {value!r}", "use one of those")
-    if origin is list:
-        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        _check(ok, key, f"expected an integer, got {value!r}")
-        low = 0 if key.endswith("seed") else -INT_LIMIT  # seeds are non-negative everywhere
-        _check(low <= value < INT_LIMIT, key, f"must be in [{low}, 2**63), got {value}")
-        return value
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            with contextlib.suppress(ValueError):  # not a number: the error below says so
-                number = float(value)
-        if number is None:
-            raise _error(key, f"expected a number, got {value!r}", "write a number such as 3.0e-5")
-        _check(math.isfinite(number), key, f"must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")
-
-
-def _build(cls: type[_Section], raw: Any) -> _Section:
-    name = cls._name
-    _check(isinstance(raw, dict), name, f"expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            fix = f"did you mean '{name}.{close[0]}'? rename it" if close else "remove it"
-            raise ConfigError(f"params.yaml: unknown key '{name}.{key}'; {fix}")
-    missing = [f for f in fields if f not in raw]
-    if missing:
-        raise ConfigError(f"params.yaml: missing key '{name}.{missing[0]}'; add it to params.yaml")
-    values = {f: _coerce(raw[f], hints[f], f"{name}.{f}") for f in fields}
-    section = cls(**values)
-    _TRACKING[0] = False
-    try:
-        section.validate()
-    finally:
-        _TRACKING[0] = True
-    return section
 
 
 @dataclass(frozen=True)
@@ -436,61 +310,15 @@ class Params:
 
     @classmethod
     def from_dict(cls, raw: Any) -> Params:
-        _check(isinstance(raw, dict), "<top level>", "expected a mapping of sections")
+        check(isinstance(raw, dict), "<top level>", "expected a mapping of sections")
         for key in raw:
             if key not in SECTIONS:
                 close = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
                 fix = f"did you mean '{close[0]}'? rename it" if close else "remove it"
                 raise ConfigError(f"params.yaml: unknown section '{key}'; {fix}")
         for key in SECTIONS:
-            _check(key in raw, key, "missing section", "add it to params.yaml")
-        return cls(**{key: _build(sec, raw[key]) for key, sec in SECTIONS.items()})
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if not isinstance(key, typing.Hashable):  # PyYAML's own check reports it
-                continue
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"duplicate key '{key}' (first on line {seen[key]})",
-                    key_node.start_mark,
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: str | Path) -> Any:
-    """The parsed YAML file `path`; unreadable files, syntax errors and duplicate keys raise
-    ConfigError naming the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        why = getattr(err, "strerror", None) or str(err)
-        raise ConfigError(
-            f"{path}: cannot read params file ({why}); check the --params path"
-        ) from err
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        what = err.problem or err.context or "invalid YAML"
-        if "duplicate key" in what:
-            raise ConfigError(f"{where}: {what}; remove one of them") from err
-        raise ConfigError(f"{where}: not valid YAML ({what}); fix the YAML syntax") from err
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML ({first}); fix the YAML syntax") from err
+            check(key in raw, key, "missing section", "add it to params.yaml")
+        return cls(**{key: build(sec, raw[key]) for key, sec in SECTIONS.items()})
 
 
 def load(path: str | Path) -> Params:
@@ -501,20 +329,3 @@ def load(path: str | Path) -> Params:
 def default_params_dict() -> dict[str, Any]:
     """The repository's params.yaml as a dict (for tests and doctests)."""
     return yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
-
-
-def read_keys() -> list[str]:
-    """Every `section.key` read so far in this process, sorted."""
-    return sorted(_READ)
-
-
-def write_trace(stage: str) -> None:
-    """If $GRPO_PARAMS_TRACE names a folder, record the keys this stage read as `<stage>.json`."""
-    folder = os.environ.get(TRACE_ENV)
-    if folder and os.environ.get("RANK", "0") == "0":
-        path = Path(folder) / f"{stage}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        keys = set(read_keys())
-        if path.exists():  # a launcher and its workers record the same stage
-            keys |= set(json.loads(path.read_text()))
-        path.write_text(json.dumps(sorted(keys)))

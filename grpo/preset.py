@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 from ruamel.yaml import YAML
 
-from grpo.config import ConfigError, Params, read_yaml
+from grpo.config import Params
+from grpo.schema import ConfigError, read_yaml
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 

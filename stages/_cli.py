@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from grpo import config
+from grpo import schema
 from grpo.errors import UserError
 
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -58,4 +58,4 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], args: argparse.N
         )
     except KeyboardInterrupt:
         _fail(stage, "interrupted, nothing written; use dvc repro to run it again", 130)
-    config.write_trace(stage)
+    schema.write_trace(stage)

@@ -19,8 +19,9 @@ from pathlib import Path
 import yaml
 
 from grpo import memory
-from grpo.config import ConfigError, Params, read_yaml
+from grpo.config import Params
 from grpo.preset import apply, load_overlay, merge, names
+from grpo.schema import ConfigError, read_yaml
 
 
 def main(argv: list[str] | None = None) -> int:

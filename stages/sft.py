@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 
-from grpo import config, device, model, preflight
+from grpo import config, device, model, preflight, schema
 from grpo.fsutil import atomic_dir, check_writable, read_jsonl
 from grpo.sft import train_sft
 from stages import _cli
@@ -36,7 +36,7 @@ def main(args) -> None:
     preflight.check_sft(params, args.model)
     records = read_jsonl(args.data, strings=("question", "solution", "gold"))
     if params.sft.num_examples > len(records):  # fewer would silently change the experiment
-        raise config.ConfigError(
+        raise schema.ConfigError(
             f"params.yaml: sft.num_examples: {params.sft.num_examples} exceeds the "
             f"{len(records)} records in {args.data}; set it to at most {len(records)} or raise "
             f"data.train_size"

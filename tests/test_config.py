@@ -7,8 +7,9 @@ import copy
 import pytest
 import yaml
 
-from grpo import config
-from grpo.config import ConfigError, Params
+from grpo import config, schema
+from grpo.config import Params
+from grpo.schema import ConfigError
 
 
 @pytest.fixture
@@ -84,15 +85,15 @@ def test_load_reports_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_reads_are_tracked_but_validation_and_to_dict_are_not(raw, tmp_path, monkeypatch):
-    config._READ.clear()
+    schema._READ.clear()
     params = Params.from_dict(raw)
-    assert config.read_keys() == []
+    assert schema.read_keys() == []
     params.eval.to_dict()
-    assert config.read_keys() == []
+    assert schema.read_keys() == []
     _ = params.eval.max_new_tokens
-    assert config.read_keys() == ["eval.max_new_tokens"]
-    monkeypatch.setenv(config.TRACE_ENV, str(tmp_path))
-    config.write_trace("evaluate")
+    assert schema.read_keys() == ["eval.max_new_tokens"]
+    monkeypatch.setenv(schema.TRACE_ENV, str(tmp_path))
+    schema.write_trace("evaluate")
     assert yaml.safe_load((tmp_path / "evaluate.json").read_text()) == ["eval.max_new_tokens"]
 
 

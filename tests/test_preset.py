@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from grpo import config, preset
-from grpo.config import ConfigError, Params
+from grpo.config import Params
+from grpo.schema import ConfigError
 from stages import preset as preset_command
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import pytest
 import tiny
 import torch
 
-from grpo import config
+from grpo import config, schema
 from grpo.checkpoint import COMPLETE
 from grpo.run import Run
 from grpo.trainer import GRPOTrainer
@@ -37,7 +37,7 @@ def _cfg(**overrides) -> config.TrainConfig:
         learning_rate=1e-3,
     )
     raw.update(overrides)
-    return config._build(config.TrainConfig, raw)
+    return schema.build(config.TrainConfig, raw)
 
 
 def _records():

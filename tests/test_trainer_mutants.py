@@ -16,7 +16,7 @@ import pytest
 import tiny
 import torch
 
-from grpo import config
+from grpo import config, schema
 from grpo import trainer as trainer_module
 from grpo.generation import generate
 from grpo.loss import group_advantages, grpo_loss
@@ -62,7 +62,7 @@ def _trainer(tmp_path, **overrides):
         temperature=0.7,  # not completion_logprobs' default 1.0
     )
     raw.update(overrides)
-    cfg = config._build(config.TrainConfig, raw)
+    cfg = schema.build(config.TrainConfig, raw)
     tokenizer = tiny.build_tokenizer()
     model = tiny.build_model(tokenizer, seed=0)
     reward = CrcReward()

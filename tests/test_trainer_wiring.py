@@ -15,7 +15,7 @@ import pytest
 import tiny
 import torch
 
-from grpo import config
+from grpo import config, schema
 from grpo.loss import grpo_loss
 from grpo.run import Run
 from grpo.scoring import completion_logprobs
@@ -72,7 +72,7 @@ def _trainer(tmp_path, *, eos_bias=4.0, target_bias=3.0, **overrides):
         save_every=0,
     )
     raw.update(overrides)
-    cfg = config._build(config.TrainConfig, raw)
+    cfg = schema.build(config.TrainConfig, raw)
     tokenizer = tiny.build_tokenizer()
     model = _biased_model(tokenizer, eos_bias, target_bias)
     trainer = GRPOTrainer(

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig
 from trl import GRPOTrainer as TRLTrainer
 
-from grpo import config
+from grpo import config, schema
 from grpo.generation import Generated
 from grpo.loss import group_advantages
 from grpo.scoring import completion_logprobs
@@ -111,7 +111,7 @@ def _cfg(**overrides) -> config.TrainConfig:
         save_every=0,
     )
     raw.update(overrides)
-    return config._build(config.TrainConfig, raw)
+    return schema.build(config.TrainConfig, raw)
 
 
 def _old_and_ref(model, batch, off_policy: bool):
