@@ -53,9 +53,10 @@ test-gpu: setup
 	$(BIN)/python -m pytest -q -rP -m gpu tests/test_gpu.py tests/test_rollout.py
 	@echo "rollout and step times at the seed preset's shape: $(BIN)/python bench/gpu_rollout.py"
 
-# mutation testing (mutmut, one worker): grpo/loss.py, grpo/rewards.py and the trainer's rollout
-# and update, each mutant against its own tests; prints counts per file and the kill rate, and
-# fails on a survivor that mutate/equivalent.txt does not explain. `make mutate TARGETS=loss`
+# mutation testing (mutmut, one worker): grpo/loss.py, grpo/answer_format.py, grpo/rewards.py and
+# the trainer's rollout and update, each mutant against its own tests; prints counts per file and
+# the kill rate, and fails on a survivor that mutate/equivalent.txt does not explain.
+# `make mutate TARGETS=loss` (targets: loss answer_format rewards trainer)
 mutate: setup
 	nice -n 10 $(BIN)/python mutate/run.py $(TARGETS)
 

@@ -1,4 +1,4 @@
-"""`make mutate`: mutation testing (mutmut 3) of the GRPO math, the rewards and the trainer's step.
+"""`make mutate`: mutation testing (mutmut 3) of the loss, answer format, rewards and trainer step.
 
 Owns which code is mutated and which tests judge each mutant. Each target runs mutmut in its own
 copy of the project, build/mutate/<target>/ (kept for `mutmut show <name>` there), mutating one
@@ -7,7 +7,7 @@ only (mutmut narrows them further to the tests that call the mutated function). 
 survived / timeout per file and the kill rate; exits 1 when a survivor is not listed in
 mutate/equivalent.txt (one `<mutant name>  <reason>` a line) or the kill rate is under 90%.
 
-    python mutate/run.py [loss rewards trainer]
+    python mutate/run.py [loss answer_format rewards trainer]
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class Target:
 
 TARGETS = {
     "loss": Target("grpo/loss.py", ("tests/test_loss.py",)),
+    "answer_format": Target(
+        "grpo/answer_format.py", ("tests/test_answer_format.py", "tests/test_rewards.py")
+    ),
     "rewards": Target("grpo/rewards.py", ("tests/test_rewards.py",)),
     "batches": Target("grpo/batches.py", ("tests/test_batches.py",)),
     "trainer": Target(
