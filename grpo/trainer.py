@@ -27,17 +27,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo import checkpoint, distributed
+from grpo.answer_format import ANSWER_CLOSE
 from grpo.batches import PromptSampler, micro_batches
 from grpo.config import TrainConfig
 from grpo.device import autocast
 from grpo.errors import UserError
-from grpo.generation import (
-    ANSWER_CLOSE,
-    Generated,
-    generate,
-    generation_config,
-    truncate_at_answer,
-)
+from grpo.generation import Generated, generate, generation_config, truncate_at_answer
 from grpo.loss import group_advantages, grpo_loss
 from grpo.prompts import chat_prompt
 from grpo.rewards import RewardFunctions
