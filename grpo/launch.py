@@ -1,7 +1,7 @@
 """Our launcher for multi-process training: spawns the workers of this node, forwards stop
 signals to them once, and ends the job when one of them fails.
 
-    python -m grpo.launch --nproc-per-node 2 -- python -m stages.train ...
+    python -m stages.launch --nproc-per-node 2 -- python -m stages.train ...
 
 It replaces torchrun for three reasons: a signal must reach each worker exactly once (Slurm's
 `scancel` signals every process; torchrun forwarded it a second time), workers need as long as
@@ -30,7 +30,6 @@ Failures: when a worker exits non-zero (a stop on a signal aside), the others ge
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import logging
 import os
@@ -304,25 +303,3 @@ def _supervise(
                 outcome.codes[rank] = worker.wait()
             live.clear()
         time.sleep(_POLL_SECONDS)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--nproc-per-node", type=int, required=True, help="workers on this node")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the worker command")
-    args = p.parse_args(argv)
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not cmd:
-        p.error("give the worker command after --")
-    logging.basicConfig(level=logging.INFO, format="[launch] %(message)s")
-    try:
-        error = run(cmd, topology(args.nproc_per_node)).error("launch")
-    except LaunchError as err:
-        error = err
-    if error is not None:
-        print(f"error [launch]: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
-
-
-if __name__ == "__main__":
-    main()

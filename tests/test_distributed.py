@@ -27,7 +27,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 def _cmd(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, str(WORKER)]
-    launcher = [sys.executable, "-m", "grpo.launch", f"--nproc-per-node={nproc}", "--"]
+    launcher = [sys.executable, "-m", "stages.launch", f"--nproc-per-node={nproc}", "--"]
     return [*launcher, sys.executable, str(WORKER)]
 
 

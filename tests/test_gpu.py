@@ -92,7 +92,7 @@ def _launch(name: str, workdir: Path) -> list[dict]:
         env |= {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(Path(fx.__file__))]
     if nproc > 1:  # the launcher the train stage uses
-        cmd = [sys.executable, "-m", "grpo.launch", "--nproc-per-node", str(nproc), "--", *cmd]
+        cmd = [sys.executable, "-m", "stages.launch", "--nproc-per-node", str(nproc), "--", *cmd]
     cmd += ["--preset", name, "--out", str(workdir / "result.json")]
     if TOKENS:
         cmd += ["--tokens", str(TOKENS)]

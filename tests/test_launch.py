@@ -105,7 +105,7 @@ def test_workers_die_with_a_killed_launcher(tmp_path):
         "open(sys.argv[1] + '/' + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
         "time.sleep(60)\n"
     )
-    cmd = [sys.executable, "-m", "grpo.launch", "--nproc-per-node=2", "--"]
+    cmd = [sys.executable, "-m", "stages.launch", "--nproc-per-node=2", "--"]
     proc = subprocess.Popen([*cmd, sys.executable, "-c", code, str(tmp_path)], env=_env())
     deadline = time.monotonic() + 30
     while not all((tmp_path / r).exists() and (tmp_path / r).read_text() for r in "01"):
