@@ -50,7 +50,7 @@ test-slow: setup
 # (-rP); skipped without CUDA (GRPO_GPU_TESTS_DEVICE=cpu: tests/test_gpu.py's checks on the CPU,
 # tiny shapes). Named files only: a GPU box needs none of the other tests' packages
 test-gpu: setup
-	$(BIN)/python -m pytest -q -rP -m gpu tests/test_gpu.py tests/test_rollout.py
+	$(BIN)/python -m pytest -q -rP -m gpu tests/test_gpu.py tests/test_generation.py tests/test_sampling.py
 	@echo "rollout and step times at the seed preset's shape: $(BIN)/python bench/gpu_rollout.py"
 
 # mutation testing (mutmut, one worker): grpo/loss.py, grpo/answer_format.py, grpo/rewards.py and
