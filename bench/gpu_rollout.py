@@ -8,7 +8,7 @@ The model is a random-init Qwen2.5-1.5B-Instruct of the real shape (tests/gpu_fi
 from its config, nothing downloaded, the offline test tokenizer), held as the trainer holds it:
 fp32 master weights, forwards under bf16 autocast where bf16 is native. Both sides sample the
 same prompts with the same per-row seeds at the preset's temperature (7 prompts x 12 = 84 rows);
-"same" counts rows whose tokens agree (bf16 rounding differs between the two engines, so a few
+"same" counts rows whose tokens agree (bf16 rounding differs between the two decoders, so a few
 rows may part at a near-tie). Speeds are min/median over interleaved repeats after a warm-up.
 
 Random weights almost never sample EOS, so every row runs to the token cap: a rollout here is
@@ -50,8 +50,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def rollout(lm, tokenizer, prompts, params, max_new_tokens, engine, device):
-    """(tokens/s, completion ids per row) of one rollout with `engine` (lean or hf)."""
+def rollout(lm, tokenizer, prompts, params, max_new_tokens, decoder, device):
+    """(tokens/s, completion ids per row) of one rollout with `decoder` (lean or hf)."""
     cfg = params.train
     gen_config = generation_config(
         max_new_tokens=max_new_tokens,
@@ -70,7 +70,7 @@ def rollout(lm, tokenizer, prompts, params, max_new_tokens, engine, device):
             sampling=Sampling(cfg.temperature, cfg.top_p, cfg.top_k),
             seeds=row_seeds(cfg.seed, 1, rows),
             num_return_sequences=cfg.num_generations,
-            engine=engine,
+            decoder=decoder,
         )
     synchronize(device)
     seconds = time.perf_counter() - start
@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=7, help="B prompts per rollout and step")
     p.add_argument("--generations", type=int, default=12, help="G completions per prompt")
     p.add_argument("--max-new-tokens", type=int, help="default 400 (32 with --tiny)")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved rollouts of each engine")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rollouts of each decoder")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny shapes, short rollouts (smoke run)")
     p.add_argument("--no-step", action="store_true", help="rollouts only")
@@ -134,14 +134,14 @@ def main() -> None:
     )
 
     speeds: dict[str, list[float]] = {"ours (lean decode)": [], "HF generate (KV cache)": []}
-    engines = dict(zip(speeds, ("lean", "hf"), strict=True))
-    for engine in engines.values():  # warm-up: kernels, allocator, cuBLAS handles
-        rollout(lm, tokenizer, prompts, params, 4, engine, device)
+    decoders = dict(zip(speeds, ("lean", "hf"), strict=True))
+    for decoder in decoders.values():  # warm-up: kernels, allocator, cuBLAS handles
+        rollout(lm, tokenizer, prompts, params, 4, decoder, device)
     ids, truncated = {}, {}
     for _ in range(args.repeats):
-        for side, engine in engines.items():
+        for side, decoder in decoders.items():
             tps, ids[side], truncated[side] = rollout(
-                lm, tokenizer, prompts, params, args.max_new_tokens, engine, device
+                lm, tokenizer, prompts, params, args.max_new_tokens, decoder, device
             )
             speeds[side].append(tps)
     same = sum(a == b for a, b in zip(*ids.values(), strict=True))

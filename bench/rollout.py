@@ -75,7 +75,7 @@ def gemm_floor(lm, rows: int, mm=torch.mm, repeats: int = 3) -> float:
     return rows / best
 
 
-def rollout(lm, tokenizer, prompts, group, max_new_tokens, eos_ids, engine, use_cache=True):
+def rollout(lm, tokenizer, prompts, group, max_new_tokens, eos_ids, decoder, use_cache=True):
     cfg = generation_config(
         max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id
     )
@@ -89,7 +89,7 @@ def rollout(lm, tokenizer, prompts, group, max_new_tokens, eos_ids, engine, use_
         sampling=Sampling(temperature=1.0),
         seeds=row_seeds(0, 0, range(len(prompts) * group)),
         num_return_sequences=group,
-        engine=engine,
+        decoder=decoder,
     )
     seconds = time.perf_counter() - start
     return sum(gen.num_tokens) / seconds, gen.texts
@@ -126,9 +126,9 @@ def main() -> None:
         speeds: dict[str, list[float]] = {"ours": [], "HF generate (cache on)": []}
         texts = {}
         for _ in range(args.repeats):  # interleaved so machine noise hits both sides alike
-            for name, engine in (("ours", "lean"), ("HF generate (cache on)", "hf")):
+            for name, decoder in (("ours", "lean"), ("HF generate (cache on)", "hf")):
                 tps, texts[name] = rollout(
-                    lm, tokenizer, prompts, args.group, args.max_new_tokens, eos_ids, engine
+                    lm, tokenizer, prompts, args.group, args.max_new_tokens, eos_ids, decoder
                 )
                 speeds[name].append(tps)
         if rows == min(args.rows):

@@ -1,4 +1,4 @@
-"""Batched generation of completions: stopping, completion masks and the two decode engines.
+"""Batched generation of completions: stopping, completion masks and the two decoders.
 
 Owns how text is generated everywhere in the project (evaluation and GRPO rollouts), so the
 choices the tutorial got wrong are made once: KV cache on and the model in eval mode while
@@ -81,18 +81,18 @@ def generate(
     seeds: Sequence[int] | None = None,
     num_return_sequences: int = 1,
     synced_gpus: bool = False,
-    engine: str = "auto",
+    decoder: str = "auto",
 ) -> Generated:
     """Generate `num_return_sequences` completions for each prompt in one batched call.
 
     With `sampling.temperature > 0`, `seeds` gives one seed per generated row (see `row_seeds`).
     `synced_gpus` keeps every rank stepping until all are done (needed with sharded FSDP).
-    `engine`: "lean" = our decode loop (`grpo.decoding`), "hf" = `model.generate`, "auto" = lean
+    `decoder`: "lean" = our decode loop (`grpo.decoding`), "hf" = `model.generate`, "auto" = lean
     unless `synced_gpus` or stop strings need the HF path. Both give the same tokens.
     """
-    if engine not in ("auto", "lean", "hf"):
-        raise ValueError(f"engine must be auto, lean or hf, got {engine!r}")
-    lean = engine == "lean" or (engine == "auto" and not synced_gpus and not config.stop_strings)
+    if decoder not in ("auto", "lean", "hf"):
+        raise ValueError(f"decoder must be auto, lean or hf, got {decoder!r}")
+    lean = decoder == "lean" or (decoder == "auto" and not synced_gpus and not config.stop_strings)
     if lean and (synced_gpus or config.stop_strings):
         raise ValueError("the lean decode loop supports neither synced_gpus nor stop strings")
     eos_ids = config.eos_token_id

@@ -1,4 +1,4 @@
-"""Generation on a tiny random model: masks, stopping, the lean and HF engines agree."""
+"""Generation on a tiny random model: masks, stopping, the lean and HF decoders agree."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def test_model_sampling_defaults_do_not_leak(lm):
         torch.testing.assert_close(scores, logits)  # no top-k/top-p/penalty processing
 
 
-@pytest.mark.parametrize("engine", ["hf", "lean"])
-def test_generate_groups_and_masks(lm, engine):
+@pytest.mark.parametrize("decoder", ["hf", "lean"])
+def test_generate_groups_and_masks(lm, decoder):
     """The mask is 1 up to and including a row's first EOS and 0 after it (all 1 without EOS),
     checked against the tokens themselves on rows that end with EOS early, late, at once
     (EOS-only) and never (truncated)."""
@@ -67,7 +67,7 @@ def test_generate_groups_and_masks(lm, engine):
         sampling=Sampling(temperature=1.0),
         seeds=row_seeds(0, 0, range(12)),
         num_return_sequences=4,
-        engine=engine,
+        decoder=decoder,
     )
     assert gen.completion_ids.shape == (12, 6)
     assert torch.equal(gen.prompt_ids[0], gen.prompt_ids[3])  # a prompt's G rows are consecutive
@@ -150,7 +150,7 @@ def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monk
     sampling = Sampling(temperature=temperature)
     seeds = row_seeds(3, 0, range(12)) if temperature > 0 else None
     runs = {
-        engine: generate(
+        decoder: generate(
             model,
             tokenizer,
             prompts,
@@ -158,9 +158,9 @@ def test_lean_decode_gives_the_tokens_of_hf_generate(lm, temperature, path, monk
             sampling=sampling,
             seeds=seeds,
             num_return_sequences=4,
-            engine=engine,
+            decoder=decoder,
         )
-        for engine in ("hf", "lean")
+        for decoder in ("hf", "lean")
     }
     hf, lean = runs["hf"], runs["lean"]
     assert torch.equal(lean.completion_ids, hf.completion_ids)
@@ -185,7 +185,7 @@ def test_attentive_model_tokens_depend_on_attention(lm, temperature):
 
     def texts():
         prompts, sampling = fixture_prompts(tokenizer, 3), Sampling(temperature=temperature)
-        kw = {"sampling": sampling, "seeds": seeds, "num_return_sequences": 4, "engine": "hf"}
+        kw = {"sampling": sampling, "seeds": seeds, "num_return_sequences": 4, "decoder": "hf"}
         return generate(model, tokenizer, prompts, cfg, **kw).texts
 
     normal = texts()
@@ -199,7 +199,7 @@ def test_lean_decode_refuses_what_only_hf_supports(lm):
     model, tokenizer = lm
     cfg = generation_config(max_new_tokens=2, eos_ids=[2], pad_id=2, stop_strings=["</answer>"])
     with pytest.raises(ValueError, match="stop strings"):
-        generate(model, tokenizer, fixture_prompts(tokenizer, 1), cfg, engine="lean")
+        generate(model, tokenizer, fixture_prompts(tokenizer, 1), cfg, decoder="lean")
 
 
 @pytest.mark.gpu

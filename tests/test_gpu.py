@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENS = fx.TINY_TOKENS if SMOKE else None  # None: the presets' own lengths
 DECODE_TOKENS = fx.TINY_TOKENS if SMOKE else 64
 NEAR_TIE = 1e-4
-"""Largest gap between two tokens' scores at which the engines may pick differently: far above
+"""Largest gap between two tokens' scores at which the decoders may pick differently: far above
 fp32 rounding, below what a real bug moves (decode positions off by one move random-init
 Qwen2.5-0.5B's logits by ~1e-3 to 2e-2)."""
 
@@ -207,7 +207,7 @@ def test_lean_decode_matches_generate_fp32(name, temperature):
     seeds = row_seeds(0, 0, range(len(prompts) * G))
     with torch.no_grad(), fp32_matmuls():
         out = {
-            engine: generate(
+            decoder: generate(
                 lm,
                 tokenizer,
                 prompts,
@@ -215,9 +215,9 @@ def test_lean_decode_matches_generate_fp32(name, temperature):
                 sampling=sampling,
                 seeds=seeds,
                 num_return_sequences=G,
-                engine=engine,
+                decoder=decoder,
             )
-            for engine in ("lean", "hf")
+            for decoder in ("lean", "hf")
         }
         lean, hf = out["lean"], out["hf"]
         assert lean.completion_ids.device.type == DEVICE.type
@@ -229,7 +229,7 @@ def test_lean_decode_matches_generate_fp32(name, temperature):
                 same += 1
                 continue
             t = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-            assert t is not None, f"row {row}: one engine stopped early ({len(a)} vs {len(b)})"
+            assert t is not None, f"row {row}: one decoder stopped early ({len(a)} vs {len(b)})"
             gap = _near_tie(lm, hf, row, t, sampling, seeds[row], a[t], b[t])
             ties.append((row, t, gap))
     print(f"\n{name} fp32 {sampling}: {same}/{len(seeds)} rows identical, near-ties {ties}")
