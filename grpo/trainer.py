@@ -7,10 +7,10 @@ signals, checkpoints) is `grpo.run`; what is logged, `grpo.metrics`. Loss math l
 `grpo.loss`, generation in `grpo.generation`, log-probs in `grpo.scoring`, rewards in
 `grpo.rewards`.
 
-Differences from the tutorial, each on purpose (see SEED.md): rollouts use the KV cache in eval
-mode and sample the raw policy; master weights and AdamW states stay fp32 (bf16 autocast only on
-a bf16-capable GPU); the old-policy forward is skipped when mu == 1 and the reference forward when
-beta == 0; every metric the tutorial lacked is logged.
+Differences from the tutorial, each on purpose (README lists its flaws): rollouts use the KV
+cache in eval mode and sample the raw policy; master weights and AdamW states stay fp32 (bf16
+autocast only on a bf16-capable GPU); the old-policy forward is skipped when mu == 1 and the
+reference forward when beta == 0; every metric the tutorial lacked is logged.
 """
 
 from __future__ import annotations
