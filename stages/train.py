@@ -1,11 +1,13 @@
 """Stage `train`: GRPO fine-tuning of `models/sft` on the prepared train records.
 
     python -m stages.train --model models/sft --data data/prepared/train.jsonl \
-        --out models/grpo --checkpoints models/grpo-checkpoints --log-dir dvclive
+        --out models/grpo --checkpoints models/grpo-checkpoints --log-dir dvclive \
+        --summary metrics/train.json
 
 Writes the final model as a plain HF folder (safetensors + tokenizer + generation config) in
 `--out`, checkpoints every `train.save_every` steps in `--checkpoints` (a DVC `persist` output),
-step metrics to DVCLive in `--log-dir` (and to W&B when `train.wandb` is not `disabled`).
+step metrics to DVCLive in `--log-dir` (and to W&B when `train.wandb` is not `disabled`), and
+the run summary (reward over the first and last quarter of the steps) in `--summary`.
 
 Resume: when `--checkpoints` holds a complete checkpoint of this very run (same params, input
 files and code: the run fingerprint), training continues from it and ends with the same weights
@@ -33,7 +35,7 @@ from pathlib import Path
 from grpo import checkpoint, config, distributed, model, preflight
 from grpo import launch as launcher
 from grpo.errors import UserError
-from grpo.fsutil import check_writable, read_jsonl, sha256_file
+from grpo.fsutil import check_writable, read_jsonl, sha256_file, write_json_atomic
 from grpo.rewards import RewardFunctions
 from grpo.run import Interrupted, Run
 from grpo.trainer import GRPOTrainer
@@ -80,6 +82,26 @@ def fingerprint(params: config.Params, model_dir: Path, data: Path) -> str:
     return digest.hexdigest()
 
 
+def run_summary(summary: dict[str, float]) -> dict[str, float]:
+    """The run summary as the `--summary` metrics file holds it: mean reward over the first and
+    last quarter of the steps and its change first, then steps and skipped non-finite steps
+    (`dvc exp show` shows these few columns instead of every step metric).
+
+    >>> s = run_summary({"steps": 8, "reward_first_quarter": 0.25, "reward_last_quarter": 0.75,
+    ...                  "nonfinite_skipped": 0})
+    >>> s["reward_change"], list(s)[:3]
+    (0.5, ['reward_first_quarter', 'reward_last_quarter', 'reward_change'])
+    """
+    first, last = summary["reward_first_quarter"], summary["reward_last_quarter"]
+    return {
+        "reward_first_quarter": first,
+        "reward_last_quarter": last,
+        "reward_change": last - first,
+        "steps": summary["steps"],
+        "nonfinite_skipped": summary["nonfinite_skipped"],
+    }
+
+
 def launch(topo: launcher.Topology) -> None:
     """Rerun this stage in this node's `topo.nproc` worker processes and wait for them; a
     worker's failure or a stop signal becomes this process's error and exit code."""
@@ -98,6 +120,8 @@ def main(args) -> None:
         topo = launcher.topology(nproc)
         config.check_batch_split(cfg, topo.world)
         check_writable(args.out, args.checkpoints, args.log_dir)
+        if getattr(args, "summary", None):  # optional: callers building args by hand omit it
+            check_writable(args.summary)
         preflight.check_train(params, args.model)  # CUDA, GPUs, memory: before any work
         if topo.world > 1:
             launch(topo)
@@ -178,6 +202,8 @@ def train(params, args, d: distributed.Dist, strategy: str) -> None:
         model.save_model_atomic(
             final, tokenizer, out, extra={"from": args.model, **summary}, state_dict=final_state
         )
+        if getattr(args, "summary", None):
+            write_json_atomic(args.summary, run_summary(summary))
         log.info("%s: %s", out, json.dumps(summary))
     distributed.barrier(d)
 
@@ -189,4 +215,5 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--checkpoints", required=True, help="checkpoint folder (kept across runs)")
     p.add_argument("--log-dir", required=True, help="DVCLive folder")
+    p.add_argument("--summary", help="run summary metrics JSON to write (optional)")
     _cli.run("train", main, p.parse_args())
