@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(TORCH_CPU_INDEX))
 
-.PHONY: setup setup-gpu demo test test-slow test-gpu mutate lint format bench clean-venv
+.PHONY: setup setup-gpu demo compare test test-slow test-gpu mutate lint format bench clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ setup-gpu: setup
 demo: setup
 	dvc repro
 	dvc metrics show
+
+# every run of `dvc exp show`: changed params, accuracies with 95% intervals and grpo − base; per
+# config (runs differing only in seeds) mean ± sd; paired tests between configs (stages/compare.py).
+# `make compare ARGS="--a baseline --b lr2e5 --png compare.png"`
+compare: setup
+	$(BIN)/python -m stages.compare $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q
