@@ -79,25 +79,20 @@ def headline(runs: Sequence[Experiment]) -> list[str]:
     for run in runs:
         diff = params_diff(run.params, baseline_params(runs, run))
         changed = " ".join(f"{k}={v}" for k, v in diff.items()) or "no params changed"
-        what = "baseline" if run.kind == "baseline" else run.kind
-        lines.append(f"{run.name} ({what} {run.rev[:7]}, {run.status}): {changed}")
+        lines.append(f"{run.name} ({run.kind} {run.rev[:7]}, {run.status}): {changed}")
         if not run.metrics:
             lines += ["  no evaluation results", ""]
             continue
         header = ["model", *(f"{RATE_NAMES[k]} % [95% CI]" for k in RATE_KEYS), "trunc %", "n"]
-        rows = [
-            [
-                model,
-                *(rate_cell(m[k], m["n"]) for k in RATE_KEYS),
-                f"{100 * m['truncation_rate']:.1f}",
-                str(int(m["n"])),
-            ]
-            for model, m in ((model, run.metrics[model]) for model in _models([run]))
-        ]
+        rows = []
+        for model in _models([run]):
+            m = run.metrics[model]
+            cells = [rate_cell(m[k], m["n"]) for k in RATE_KEYS]
+            rows.append([model, *cells, f"{100 * m['truncation_rate']:.1f}", str(int(m["n"]))])
         if BASE in run.metrics and FINAL in run.metrics:
             base, final = run.metrics[BASE], run.metrics[FINAL]
-            rows.append([f"{FINAL} − {BASE}", *(_pp(final[k] - base[k]) for k in RATE_KEYS)])
-            rows[-1] += ["", ""]
+            changes = [_pp(final[k] - base[k]) for k in RATE_KEYS]
+            rows.append([f"{FINAL} − {BASE}", *changes, "", ""])
         lines += _table(header, rows, indent="  ")
         lines += [f"  {model}: {reason}" for model, reason in run.skipped.items()]
         if run.train:

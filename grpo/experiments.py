@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -176,7 +176,7 @@ def parse_exp_show(rows: Any) -> list[Experiment]:
         runs += [run for _, run in sorted(exps, key=lambda pair: pair[0])]
     if workspace is not None:
         if runs and workspace.baseline == "workspace":
-            workspace = Experiment(**{**workspace.__dict__, "baseline": runs[0].baseline})
+            workspace = replace(workspace, baseline=runs[0].baseline)
         if not any(workspace.same_run(run) for run in runs):
             runs.insert(0, workspace)
     return runs

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def _run(name, *, kind="experiment", base=0.1, final=0.2, **params) -> Experimen
 
 def _baseline(**kw) -> Experiment:
     run = _run("main", kind="baseline", **kw)
-    return Experiment(**{**run.__dict__, "rev": "b" * 40})
+    return replace(run, rev="b" * 40)
 
 
 # --- dvc exp show --json ----------------------------------------------------------------------
