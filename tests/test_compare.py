@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from argparse import Namespace
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from grpo import compare
 from grpo.compare import Config, group_configs, paired_outcomes, paired_test, seed_series
 from grpo.errors import UserError
 from grpo.experiments import Experiment, config_label, params_diff, parse_exp_show
+from stages import compare as cli
 from stages.report import accuracy_rows
 
 SAMPLE = Path(__file__).parent / "data" / "exp_show.json"
@@ -283,3 +285,25 @@ def test_run_summary_puts_the_reward_change_first():
         "nonfinite_skipped",
     ]
     assert s["reward_change"] == 0.75 and s["nonfinite_skipped"] == 2
+
+
+def test_cli_prints_the_headline_configs_and_paired_tests(tmp_path, monkeypatch, capsys):
+    """`python -m stages.compare` on the recorded sample, predictions read by a stand-in: every
+    finished run of the baseline config right on q0, of the learning-rate config on q0 and q1."""
+
+    def read(root, run, model):
+        right = {"q0", "q1"} if run.params["train.learning_rate"] == 0.002 else {"q0"}
+        return [{"id": q, "strict_correct": q in right} for q in ("q0", "q1", "q2")]
+
+    monkeypatch.setattr(cli, "read_predictions", read)
+    args = {"repo": tmp_path, "model": "grpo", "boot": 100, "boot_seed": 0, "from_json": SAMPLE}
+    args |= {"a": None, "b": None}
+    cli.main(Namespace(**args, png=tmp_path / "c.png"))
+    out = capsys.readouterr().out
+    assert "lr2 (experiment 756a919, success): train.learning_rate=0.002" in out
+    assert "bad (experiment f0f6d2f, failed)" in out
+    (line,) = [x for x in out.splitlines() if x.startswith("baseline → ")]
+    assert line.split()[3:9] == ["2", "6", "33.3", "66.7", "+33.3", "pp"]  # 2 seeds × 3 questions
+    assert (tmp_path / "c.png").is_file()
+    with pytest.raises(UserError, match="--a and --b go together"):
+        cli.main(Namespace(**{**args, "a": "lr2"}, png=None))
