@@ -121,18 +121,31 @@ class RewardConfig(Section):
 class EvalConfig(Section):
     _name: ClassVar[str] = "eval"
     batch_size: int
-    """Prompts generated together (left-padded, KV cache)."""
+    """Completions generated together (left-padded, KV cache): batch_size // num_samples
+    questions per batch, at least one, so memory does not grow with num_samples."""
     max_new_tokens: int
     """Completion length cap; completions that hit it count as truncated."""
     temperature: float
     """0 = greedy (default); > 0 samples with this temperature, top_p 1, top_k 0."""
     seed: int
     """Sampling seed (used when temperature > 0)."""
+    num_samples: int
+    """Completions per question (k): 1 = one completion (greedy pass@1 at temperature 0);
+    k > 1 samples k completions from one shared prompt prefill and reports pass@1..k and
+    maj@1..k (needs temperature > 0)."""
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         check(self.temperature >= 0, "eval.temperature", "must be >= 0")
+        check(self.num_samples >= 1, "eval.num_samples", "must be >= 1")
+        check(
+            self.num_samples == 1 or self.temperature > 0,
+            "eval.num_samples",
+            f"{self.num_samples} samples at temperature 0 would be {self.num_samples} copies "
+            f"of the greedy completion",
+            "set eval.temperature > 0 (e.g. 0.7) or eval.num_samples to 1",
+        )
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Owns how the `train` stage's step metrics (DVCLive TSVs) are read (`read_curve`, with one-line
 errors for malformed files) and summarised (`curve_summary`), and the one PNG of the report:
-accuracies per model with their intervals, reward, completion length, KL and loss per step.
-Plain pandas and matplotlib (Agg canvas, no pyplot state); no torch.
+accuracies and truncation per model with their intervals, reward, completion length, KL and
+loss per step. Plain pandas and matplotlib (Agg canvas, no pyplot state); no torch.
 """
 
 from __future__ import annotations
@@ -111,16 +111,18 @@ def _no_data(ax: Axes, names: Sequence[str]) -> None:
 
 
 def _accuracy_panel(ax: Axes, metrics: pd.DataFrame) -> None:
-    """Grouped bars: one group per rate, one bar per model, 95% intervals as error bars."""
+    """Grouped bars: one group per rate (the truncation rate last), one bar per model, 95%
+    intervals as error bars."""
+    rates = RATES | {"truncation_rate": "truncation rate"}
     width = 0.8 / len(metrics)
     for i, (label, m) in enumerate(metrics.iterrows()):
-        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(RATES))]
-        values = [100 * m[rate] for rate in RATES]
+        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(rates))]
+        values = [100 * m[rate] for rate in rates]
         # Clipped at 0: matplotlib rejects negative lengths (float noise at 0% or 100%).
-        lows = [max(0.0, 100 * (m[rate] - m[f"{rate}_ci_low"])) for rate in RATES]
-        highs = [max(0.0, 100 * (m[f"{rate}_ci_high"] - m[rate])) for rate in RATES]
+        lows = [max(0.0, 100 * (m[rate] - m[f"{rate}_ci_low"])) for rate in rates]
+        highs = [max(0.0, 100 * (m[f"{rate}_ci_high"] - m[rate])) for rate in rates]
         ax.bar(xs, values, width, yerr=[lows, highs], capsize=3, label=str(label))
-    ax.set_xticks(range(len(RATES)), list(RATES.values()))
+    ax.set_xticks(range(len(rates)), list(rates.values()))
     ax.set_ylabel("% of eval questions")
     ax.set_ylim(0, 105)
     ax.set_title("Evaluation (95% intervals)")
@@ -128,9 +130,9 @@ def _accuracy_panel(ax: Axes, metrics: pd.DataFrame) -> None:
 
 
 def plot(log_dir: Path, metrics: pd.DataFrame, out_png: Path) -> None:
-    """One PNG, four panels: accuracies and format rate per model with their 95% intervals;
-    reward over steps (total and components); completion length over steps; KL and loss.
-    Curves missing from the training log are left out. Written atomically."""
+    """One PNG, four panels: accuracies, format and truncation rate per model with their 95%
+    intervals; reward over steps (total and components); completion length over steps; KL and
+    loss. Curves missing from the training log are left out. Written atomically."""
     fig = Figure(figsize=(13, 9), layout="constrained")
     FigureCanvasAgg(fig)
     (acc_ax, reward_ax), (length_ax, kl_ax) = fig.subplots(2, 2)

@@ -157,6 +157,7 @@ def check_evaluate(params, model_dir: str | Path) -> None:
     """Everything the evaluate stage needs from this machine (it uses one device)."""
     dtype, attn = params.model.dtype, params.model.attn_implementation
     batch_size, max_new_tokens = params.eval.batch_size, params.eval.max_new_tokens
+    batch_size = max(batch_size, params.eval.num_samples)  # a question's samples share a batch
     model.check_context(model_dir, "eval.max_new_tokens", max_new_tokens)
     shape = shape_for(model_dir)
     check_cuda(gpu_reasons(shape, model=model_dir))

@@ -30,6 +30,7 @@ import pandas as pd
 
 from grpo.errors import UserError
 from grpo.eval_results import (
+    FINISHED,
     FIX,
     RATES,
     by_id,
@@ -77,33 +78,50 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
+def _interval_cell(m: pd.Series, key: str) -> str:
+    return f"{_pct(m[key])} [{_pct(m[f'{key}_ci_low'])}, {_pct(m[f'{key}_ci_high'])}]"
+
+
 def comparison_table(metrics: pd.DataFrame, baseline: str) -> str:
     """Markdown table: one column per model (value and 95% interval) and one per comparison
     (each model minus the baseline, and minus the model before it), deltas in percentage points.
+    Each accuracy is followed by the accuracy over the completions that finished (with their
+    count), and the truncation rate sits with them: an accuracy measured on cut-off answers
+    shows it.
 
-    >>> m = {"n": 100, "mean_completion_tokens": 150.0, "truncation_rate": 0.4}
+    >>> m = {"n": 100, "num_samples": 1, "mean_completion_tokens": 150.0, "n_finished": 60}
     >>> for rate, value in [("strict_accuracy", 0.1), ("lenient_accuracy", 0.2),
-    ...                     ("format_rate", 0.5)]:
+    ...                     ("format_rate", 0.5), ("truncation_rate", 0.4),
+    ...                     ("strict_accuracy_finished", 0.15),
+    ...                     ("lenient_accuracy_finished", 0.3)]:
     ...     m |= {rate: value, f"{rate}_ci_low": value - 0.05, f"{rate}_ci_high": value + 0.05}
     >>> frame = pd.DataFrame([m, m | {"strict_accuracy": 0.25}], index=["base", "grpo"])
-    >>> print(comparison_table(frame, "base").splitlines()[2])
+    >>> table = comparison_table(frame, "base").splitlines()
+    >>> print(table[2])
     | strict accuracy (%) | 10.0 [5.0, 15.0] | 25.0 [5.0, 15.0] | +15.0 pp |
+    >>> table[3].split(" | ")[:2]
+    ['| strict accuracy, finished only (%)', '15.0 [10.0, 20.0] of 60']
     """
     labels = list(metrics.index)
     if baseline not in labels:
         raise UserError(f"baseline {baseline!r} is not one of the models ({', '.join(labels)})")
     pairs = _comparisons(labels, baseline)
     header = ["metric", *labels, *(f"{b} − {a}" for a, b in pairs)]
+
+    def pp_deltas(key: str) -> list[str]:
+        return [_delta(100 * (metrics.at[b, key] - metrics.at[a, key]), " pp") for a, b in pairs]
+
     rows = []
-    for rate, name in RATES.items():
-        cells = [
-            f"{_pct(m[rate])} [{_pct(m[f'{rate}_ci_low'])}, {_pct(m[f'{rate}_ci_high'])}]"
-            for _, m in metrics.iterrows()
-        ]
-        deltas = [
-            _delta(100 * (metrics.at[b, rate] - metrics.at[a, rate]), " pp") for a, b in pairs
-        ]
-        rows.append([f"{name} (%)", *cells, *deltas])
+    for rate, name in (*RATES.items(), ("truncation_rate", "truncation rate")):
+        cells = [_interval_cell(m, rate) for _, m in metrics.iterrows()]
+        rows.append([f"{name} (%)", *cells, *pp_deltas(rate)])
+        finished = f"{rate}_finished"
+        if finished in FINISHED:
+            cells = [
+                f"{_interval_cell(m, finished)} of {int(m['n_finished'])}"
+                for _, m in metrics.iterrows()
+            ]
+            rows.append([f"{FINISHED[finished]} (%)", *cells, *pp_deltas(finished)])
     tokens = metrics["mean_completion_tokens"]
     rows.append(
         [
@@ -112,16 +130,75 @@ def comparison_table(metrics: pd.DataFrame, baseline: str) -> str:
             *(_delta(tokens[b] - tokens[a], "") for a, b in pairs),
         ]
     )
-    trunc = metrics["truncation_rate"]
-    rows.append(
-        [
-            "truncation rate (%)",
-            *(_pct(v) for v in trunc),
-            *(_delta(100 * (trunc[b] - trunc[a]), " pp") for a, b in pairs),
-        ]
-    )
     rows.append(["questions", *(str(int(v)) for v in metrics["n"]), *([""] * len(pairs))])
+    if (metrics["num_samples"] > 1).any():
+        samples = [str(int(v)) for v in metrics["num_samples"]]
+        rows.append(["completions per question", *samples, *([""] * len(pairs))])
     return _markdown_table(header, rows)
+
+
+def sample_counts(num_samples: int) -> list[int]:
+    """The k of the pass@k / maj@k table: 1, 2, 4, ... below `num_samples`, then `num_samples`.
+
+    >>> sample_counts(8), sample_counts(5), sample_counts(1)
+    ([1, 2, 4, 8], [1, 2, 4, 5], [1])
+    """
+    ks = [1]
+    while ks[-1] * 2 < num_samples:
+        ks.append(ks[-1] * 2)
+    return ks if num_samples == 1 else [*ks, num_samples]
+
+
+def sampled_table(metrics: pd.DataFrame) -> str:
+    """Markdown table of strict pass@k and maj@k with 95% intervals (bootstrap over questions
+    for pass@k, Wilson for maj@k), one row per k of `sample_counts`, two columns per model
+    evaluated with several samples ("—" where a model has fewer than k)."""
+    sampled = metrics[metrics["num_samples"] > 1]
+    header = [
+        "k",
+        *(f"{label} {name}@k (%)" for label in sampled.index for name in ("pass", "maj")),
+    ]
+    rows = []
+    for k in sample_counts(int(sampled["num_samples"].max())):
+        cells = [
+            _interval_cell(m, f"{name}@{k}") if k <= m["num_samples"] else "—"
+            for _, m in sampled.iterrows()
+            for name in ("pass", "maj")
+        ]
+        rows.append([str(k), *cells])
+    return _markdown_table(header, rows)
+
+
+def _sampling_section(metrics: pd.DataFrame) -> list[str]:
+    """How the completions were generated; with several samples per question, the pass@k and
+    maj@k table."""
+    lines = []
+    for label, m in metrics.iterrows():
+        if m["num_samples"] == 1 and m["temperature"] == 0:
+            lines.append(f"- `{label}`: greedy decoding, one completion per question (pass@1).")
+        elif m["num_samples"] == 1:
+            lines.append(
+                f"- `{label}`: one completion per question sampled at temperature "
+                f"{m['temperature']:g}."
+            )
+        else:
+            lines.append(
+                f"- `{label}`: {int(m['num_samples'])} completions per question sampled at "
+                f"temperature {m['temperature']:g}; accuracies and rates above are means over "
+                f"all completions (pass@1), and `strict_correct` in its predictions is the "
+                f"majority answer's (maj@{int(m['num_samples'])})."
+            )
+    if (metrics["num_samples"] > 1).any():
+        lines += [
+            "",
+            "Unbiased pass@k (Chen et al. 2021: the chance that k of the completions hold a "
+            "correct one; 95% percentile bootstrap over questions) and maj@k (the most frequent "
+            "tagged answer of the first k completions, ties to the answer seen first; 95% "
+            "Wilson interval), strict answers. Lenient variants are in the details files.",
+            "",
+            sampled_table(metrics),
+        ]
+    return lines
 
 
 # --- predictions ---------------------------------------------------------------------------
@@ -293,8 +370,11 @@ def write_report(
         "",
         f"Models in pipeline order: {' → '.join(metrics_paths)}; baseline `{baseline}`. "
         "Strict accuracy scores the answer inside the `<answer>` tag, lenient accuracy the last "
-        "number of the completion; format rate is the share of well-formed completions. "
-        "Brackets hold 95% Wilson intervals; differences are in percentage points (pp).",
+        "number of the completion; format rate is the share of well-formed completions, "
+        "truncation rate the share that hit the token cap (`eval.max_new_tokens`) before "
+        'ending; "finished only" is the accuracy over the completions that ended, of the '
+        "count given. Brackets hold 95% Wilson intervals; differences are in percentage "
+        "points (pp).",
         "",
         "## Comparison",
         "",
@@ -303,6 +383,10 @@ def write_report(
             f"\n`{label}`: {reason}; not evaluated again, left out of the comparison."
             for label, reason in skipped.items()
         ),
+        "",
+        "## Sampling",
+        "",
+        *_sampling_section(metrics),
         "",
         "## Questions that changed",
         "",

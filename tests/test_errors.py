@@ -28,7 +28,8 @@ import pytest
 import tiny
 import yaml
 
-from grpo import config, fsutil, gsm8k
+from grpo import config, eval_results, fsutil, gsm8k
+from grpo.evaluate import summarize
 from stages import _cli, base_model, evaluate, prepare, report, sft, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +70,14 @@ def _evaluated(tmp: Path, label: str) -> tuple[str, Path, Path]:
         {"id": f"test-{i:05d}", "strict_correct": i == 0, "lenient_correct": i == 0}
         for i in range(2)
     ]
-    metrics = {"n": 2, "mean_completion_tokens": 5.0, "truncation_rate": 0.0}
-    for rate in ("strict_accuracy", "lenient_accuracy", "format_rate"):
-        metrics |= {rate: 0.5, f"{rate}_ci_low": 0.1, f"{rate}_ci_high": 0.9}
+    graded = {"gold": "1", "strict_answer": None, "lenient_answer": None, "well_formed": True}
+    graded |= {"completion_tokens": 5, "truncated": False}
+    metrics = summarize([p | graded for p in predictions], seconds=1.0, temperature=0.0)
     folder = tmp / "evaluated"
-    folder.mkdir(exist_ok=True)
+    (folder / "details").mkdir(parents=True, exist_ok=True)
     _lines(folder / f"{label}.jsonl", *map(json.dumps, predictions))
-    (folder / f"{label}.json").write_text(json.dumps(metrics))
+    (folder / f"{label}.json").write_text(json.dumps(eval_results.headline(metrics)))
+    (folder / "details" / f"{label}.json").write_text(json.dumps(metrics))
     return label, folder / f"{label}.json", folder / f"{label}.jsonl"
 
 
@@ -93,6 +95,7 @@ def _args(stage: str, tmp: Path, model_dir: Path) -> dict:
             "train_log": tmp / "log",
             "md": tmp / "report" / "report.md",
             "png": tmp / "report" / "report.png",
+            "plots": None,
         }
     if stage == "train":
         return {
@@ -284,12 +287,15 @@ def _metrics_text(label: str, text: str):
     return edit
 
 
-def _metrics_edit(label: str, change: Callable[[dict], None]):
+def _metrics_edit(label: str, change: Callable[[dict], None], details: bool = True):
+    """Change the metrics JSON of `label` and (with `details`) its details JSON alike."""
+
     def edit(ctx: Ctx) -> None:
         path = ctx.tmp / "evaluated" / f"{label}.json"
-        metrics = json.loads(path.read_text())
-        change(metrics)
-        path.write_text(json.dumps(metrics))
+        for file in (path, eval_results.details_path(path)) if details else (path,):
+            metrics = json.loads(file.read_text())
+            change(metrics)
+            file.write_text(json.dumps(metrics))
 
     return edit
 
@@ -468,6 +474,12 @@ CASES = [
     Case("report-metrics-wrong-type", "report",
          _metrics_edit("grpo", lambda m: m.update(strict_accuracy="high")),
          ("{tmp}/evaluated/grpo.json: strict_accuracy not a number", "run dvc repro")),
+    Case("report-details-missing", "report", _remove("evaluated/details/grpo.json"),
+         ("{tmp}/evaluated/details/grpo.json: details file not found", "run dvc repro")),
+    Case("report-details-from-another-run", "report",
+         _metrics_edit("grpo", lambda m: m.update(format_rate=0.25), details=False),
+         ("{tmp}/evaluated/details/grpo.json: format_rate differ from {tmp}/evaluated/grpo.json "
+          "(left over from another run)", "run dvc repro")),
     Case("report-predictions-missing", "report", _remove("evaluated/grpo.jsonl"),
          ("{tmp}/evaluated/grpo.jsonl: predictions file not found", "run dvc repro")),
     Case("report-predictions-fewer-than-n", "report",
@@ -603,26 +615,31 @@ def test_disk_full_while_writing_gives_one_line(
 def test_evaluate_writes_predictions_and_metrics_as_one_unit(
     error, code, tmp_path, tiny_model_dir, monkeypatch, capsys
 ):
-    """Writing the metrics fails after the predictions are written: neither replaces its
-    previous version, and no temp file stays; without the failure both are replaced."""
+    """Writing the details (the last of the three outputs) fails after the predictions and
+    metrics are written: none replaces its previous version, and no temp file stays; without
+    the failure all are replaced."""
     case = Case("one-unit", "evaluate", _set("eval", "max_new_tokens", 4), ())
     args = _setup(case, tmp_path, tiny_model_dir, monkeypatch)
     Path(args.metrics).parent.mkdir()
     Path(args.metrics).write_text("old metrics\n")
     Path(args.predictions).write_text("old predictions\n")
+    eval_results.details_path(args.metrics).parent.mkdir()
+    eval_results.details_path(args.metrics).write_text("old details\n")
     before = _tree(tmp_path)
     write_metrics = evaluate.write_json_atomic
     written = []
 
     def fail(path, obj):
         written.append(Path(path))
-        raise error
+        if len(written) == 2:  # the metrics went through, the details fail
+            raise error
+        write_metrics(path, obj)
 
     monkeypatch.setattr(evaluate, "write_json_atomic", fail)
     with pytest.raises(SystemExit) as exit_info:
         _cli.run("evaluate", evaluate.main, args)
     assert exit_info.value.code == code
-    assert written, "the metrics write was never reached"
+    assert len(written) == 2, "the details write was never reached"
     assert capsys.readouterr().err.count("error [evaluate]: ") == 1
     assert _tree(tmp_path) == before
 

@@ -314,7 +314,7 @@ def test_evaluate_stage_puts_the_model_on_the_gpu(tmp_path):
         torch.cuda.reset_peak_memory_stats(DEVICE)
         baseline = torch.cuda.memory_allocated(DEVICE)
     evaluate_stage.main(args)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "details" / "metrics.json").read_text())  # timings, n
     print(f"\nevaluate stage ({name} shape): {metrics['tokens_per_second']:.0f} tokens/s")
     assert metrics["n"] == params.eval.batch_size
     if DEVICE.type == "cuda":

@@ -128,8 +128,9 @@ def test_repro_writes_every_output(workspace):
     assert (workspace / "models/base/model.safetensors").is_file()
     metrics = json.loads((workspace / "metrics/base.json").read_text())
     assert metrics["n"] == 4
+    details = json.loads((workspace / "metrics/details/base.json").read_text())
     for key in ("strict_accuracy", "lenient_accuracy", "format_rate"):
-        assert 0 <= metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"] <= 1
+        assert 0 <= details[f"{key}_ci_low"] <= metrics[key] <= details[f"{key}_ci_high"] <= 1
     predictions = (workspace / "metrics/predictions/base.jsonl").read_text().splitlines()
     assert len(predictions) == 4
     for name in ("sft", "grpo"):

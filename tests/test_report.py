@@ -12,6 +12,7 @@ import pytest
 
 from grpo import eval_results, report
 from grpo.errors import UserError
+from grpo.stats import wilson_interval
 
 REPO = Path(__file__).resolve().parent.parent
 IDS = [f"test-{i:05d}" for i in range(8)]
@@ -24,16 +25,19 @@ STRICT = {
 
 
 def metrics_for(strict: float, lenient: float, fmt: float, tokens: float, trunc: float) -> dict:
-    out: dict = {"n": len(IDS)}
+    """The details of one greedy evaluation of IDS (every key `grpo.evaluate.summarize` gives)."""
+    out: dict = {"n": len(IDS), "num_samples": 1, "temperature": 0.0}
     for rate, value in (("strict_accuracy", strict), ("lenient_accuracy", lenient)):
         out |= {rate: value, f"{rate}_ci_low": value / 2, f"{rate}_ci_high": (1 + value) / 2}
     out |= {"format_rate": fmt, "format_rate_ci_low": fmt / 2, "format_rate_ci_high": 1.0}
-    return out | {
-        "mean_completion_tokens": tokens,
-        "truncation_rate": trunc,
-        "tokens_per_second": 90.1,
-        "seconds": 200.0,
-    }
+    lo, hi = wilson_interval(trunc * len(IDS), len(IDS))
+    out |= {"truncation_rate": trunc, "truncation_rate_ci_low": lo, "truncation_rate_ci_high": hi}
+    finished = round((1 - trunc) * len(IDS))
+    out["n_finished"] = finished
+    for rate, value in (("strict", strict), ("lenient", lenient)):
+        key = f"{rate}_accuracy_finished"
+        out |= {key: value * 1.5, f"{key}_ci_low": value, f"{key}_ci_high": 1.0}
+    return out | {"mean_completion_tokens": tokens, "tokens_per_second": 90.1, "seconds": 200.0}
 
 
 METRICS = {
@@ -49,7 +53,10 @@ def write_inputs(root: Path, labels=("base", "sft", "grpo")) -> tuple[dict, dict
         metrics_paths[label] = root / "metrics" / f"{label}.json"
         predictions_paths[label] = root / "metrics" / "predictions" / f"{label}.jsonl"
         predictions_paths[label].parent.mkdir(parents=True, exist_ok=True)
-        metrics_paths[label].write_text(json.dumps(METRICS[label]))
+        metrics_paths[label].write_text(json.dumps(eval_results.headline(METRICS[label])))
+        details = eval_results.details_path(metrics_paths[label])
+        details.parent.mkdir(parents=True, exist_ok=True)
+        details.write_text(json.dumps(METRICS[label]))
         rows = [
             {
                 "id": qid,
@@ -118,13 +125,28 @@ def test_comparison_table_values_intervals_and_deltas(tmp_path):
     ]
     assert rows["mean completion tokens"] == ["150.2", "120.0", "80.4", "-30.2", "-69.8", "-39.6"]
     assert rows["truncation rate (%)"] == [
-        "40.0",
-        "12.5",
-        "0.0",
+        "40.0 [15.2, 71.3]",  # Wilson: 3.2 of 8 questions
+        "12.5 [2.2, 47.1]",
+        "0.0 [0.0, 32.4]",
         "-27.5 pp",
         "-40.0 pp",
         "-12.5 pp",
     ]
+    # beside each accuracy: the accuracy over the completions that finished, and their count
+    assert rows["strict accuracy, finished only (%)"] == [
+        "3.0 [2.0, 100.0] of 5",
+        "56.2 [37.5, 100.0] of 7",
+        "93.8 [62.5, 100.0] of 8",
+        "+53.2 pp",
+        "+90.8 pp",
+        "+37.5 pp",
+    ]
+    assert rows["lenient accuracy, finished only (%)"][0] == "37.5 [25.0, 100.0] of 5"
+    names = list(rows)
+    assert (
+        names.index("strict accuracy, finished only (%)") == names.index("strict accuracy (%)") + 1
+    )
+    assert "completions per question" not in rows  # greedy: no sampling row
     assert rows["questions"][:3] == ["8", "8", "8"]
 
 
@@ -177,6 +199,7 @@ def test_write_report_outputs_and_no_temp_files(tmp_path):
     assert out_png.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in out_md.parent.iterdir()) == [
         "base.json",
+        "details",
         "grpo.json",
         "predictions",
         "report.md",
