@@ -263,6 +263,14 @@ def load_model(
     return model
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in the backward instead of storing them (and no KV cache, which
+    the recompute cannot use); transformers >= 5.23 renamed the method (the old name warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()
+    model.config.use_cache = False
+
+
 def check_finite(model: PreTrainedModel, where: str | Path) -> None:
     """Fail clearly when a loaded model holds NaN / inf weights (a diverged earlier stage)."""
     for name, param in model.named_parameters():

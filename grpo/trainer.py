@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grpo import checkpoint, distributed
+from grpo import checkpoint, distributed, model
 from grpo.answer_format import ANSWER_CLOSE
 from grpo.batches import PromptSampler, micro_batches
 from grpo.config import TrainConfig
@@ -134,10 +134,8 @@ class GRPOTrainer:
         self.micro_batches = micro_batches(
             len(self.rows), max(self.row_sizes), cfg.micro_batch_size
         )
-        if cfg.gradient_checkpointing:  # transformers >= 5.23 renamed it (the old name warns)
-            enable = getattr(policy, "activation_checkpointing_enable", None)
-            (enable or policy.gradient_checkpointing_enable)()
-            policy.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            model.enable_activation_checkpointing(policy)
         policy.to(self.device)
         # the reference starts as a frozen copy of the policy (beta == 0: none at all; LoRA:
         # the policy with its adapters disabled); under FSDP it is sharded like the policy, so
@@ -334,7 +332,7 @@ class GRPOTrainer:
                 **{name: total / max(total_tokens, 1.0) for name, total in means},
                 "grad_norm": float(grad_norm),
             }
-            fault = self._nonfinite(loss, stats["grad_norm"])
+            fault = _nonfinite(loss, stats["grad_norm"])
             if fault:
                 self.engine.eval()
                 self._nonfinite_update(fault, step, cfg.mu - update)
@@ -344,15 +342,6 @@ class GRPOTrainer:
         self.engine.eval()
         stats["nonfinite_skipped"] = float(self.skipped)
         return stats
-
-    @staticmethod
-    def _nonfinite(loss: float, grad_norm: float) -> str:
-        """What is non-finite, or "" when all is well."""
-        if not math.isfinite(loss):
-            return f"loss ({loss})"
-        if not math.isfinite(grad_norm):
-            return f"gradient norm ({grad_norm})"
-        return ""
 
     def _nonfinite_update(self, fault: str, step: int, updates: int) -> None:
         """Drop the step's remaining `updates` (the schedule still advances), or stop."""
@@ -381,3 +370,12 @@ class GRPOTrainer:
         """The trained weights as a plain state dict on every node's writer, {} on the other
         ranks (call on every rank: a collective under FSDP)."""
         return distributed.full_state_dict(self.engine, self.dist.writes_files)
+
+
+def _nonfinite(loss: float, grad_norm: float) -> str:
+    """What is non-finite, or "" when all is well."""
+    if not math.isfinite(loss):
+        return f"loss ({loss})"
+    if not math.isfinite(grad_norm):
+        return f"gradient norm ({grad_norm})"
+    return ""
