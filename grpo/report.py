@@ -20,7 +20,6 @@ matplotlib (Agg canvas, no pyplot state); no torch.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,15 +32,14 @@ from grpo.eval_results import (
     FINISHED,
     FIX,
     RATES,
-    by_id,
     load_metrics,
     load_predictions,
     require,
     skipped_reason,
 )
 from grpo.figures import curve_summary, missing_curves, plot
+from grpo.flips import flip_pairs, flips
 from grpo.fsutil import atomic_write
-from grpo.stats import mcnemar_p
 
 EXAMPLES = 10
 
@@ -201,69 +199,9 @@ def _sampling_section(metrics: pd.DataFrame) -> list[str]:
     return lines
 
 
-# --- predictions ---------------------------------------------------------------------------
-
-
-def flips(
-    pred_a: Sequence[Mapping[str, Any]],
-    pred_b: Sequence[Mapping[str, Any]],
-    key: str = "strict_correct",
-    *,
-    names: tuple[str, str] = ("a", "b"),
-) -> dict[str, Any]:
-    """Questions whose `key` changed from model a to model b, joined on question id.
-
-    Ids are listed in the order of `pred_a`; `mcnemar_p` tests whether the two models differ.
-    Different id sets (or a repeated id) are a UserError; `names` label the models in it.
-
-    >>> a = [{"id": "q1", "ok": False}, {"id": "q2", "ok": True}, {"id": "q3", "ok": False}]
-    >>> b = [{"id": "q3", "ok": True}, {"id": "q2", "ok": False}, {"id": "q1", "ok": True}]
-    >>> f = flips(a, b, key="ok")
-    >>> f["wrong_to_right"], f["right_to_wrong"], f["n_wrong_to_right"], f["n_right_to_wrong"]
-    (['q1', 'q3'], ['q2'], 2, 1)
-    """
-    a, b = by_id(pred_a, key, names[0]), by_id(pred_b, key, names[1])
-    if a.keys() != b.keys():
-        only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
-        example = (only_a or only_b)[0]
-        raise UserError(
-            f"predictions of {names[0]} and {names[1]} cover different questions "
-            f"({len(only_a)} only in {names[0]}, {len(only_b)} only in {names[1]}, "
-            f"e.g. {example}); evaluate both on the same eval set ({FIX})"
-        )
-    up = [qid for qid in a if not a[qid] and b[qid]]
-    down = [qid for qid in a if a[qid] and not b[qid]]
-    return {
-        "key": key,
-        "n": len(a),
-        "wrong_to_right": up,
-        "right_to_wrong": down,
-        "n_wrong_to_right": len(up),
-        "n_right_to_wrong": len(down),
-        "both_right": sum(a[qid] and b[qid] for qid in a),
-        "both_wrong": sum(not a[qid] and not b[qid] for qid in a),
-        "mcnemar_p": mcnemar_p(len(up), len(down)),
-    }
-
-
-def _flip_pairs(labels: Sequence[str], baseline: str) -> list[tuple[str, str]]:
-    """Consecutive models, then baseline → last model when that is not already listed.
-
-    >>> _flip_pairs(["base", "sft", "grpo"], "base")
-    [('base', 'sft'), ('sft', 'grpo'), ('base', 'grpo')]
-    >>> _flip_pairs(["base", "grpo"], "base")
-    [('base', 'grpo')]
-    """
-    pairs = list(itertools.pairwise(labels))
-    last = (baseline, labels[-1])
-    if baseline != labels[-1] and last not in pairs:
-        pairs.append(last)
-    return pairs
-
-
 def _flips_section(predictions: Mapping[str, list[dict[str, Any]]], baseline: str) -> list[str]:
     labels = list(predictions)
-    pairs = _flip_pairs(labels, baseline)
+    pairs = flip_pairs(labels, baseline)
     if not pairs:
         return ["Only one model: no question-level comparison."]
     results = {

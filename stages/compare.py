@@ -75,7 +75,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repo", default=".", help="DVC repo root (default: .)")
     p.add_argument("--a", help="reference config: its label, or an experiment of it")
     p.add_argument("--b", help="config compared with --a: its label, or an experiment of it")
