@@ -169,7 +169,8 @@ def mean_sd(values: Sequence[float], signed: bool = False) -> str:
 
 
 def seed_table(configs: Sequence[Config]) -> list[str]:
-    """Mean ± sd across seeds of each headline rate, per config and model."""
+    """Mean ± sd across seeds of each headline rate, per config and model, and of the reward
+    gain over training (`metrics/train.json`'s `reward_change`) where every run has it."""
     header = ["config", "runs", "model", *(f"{RATE_NAMES[k]} %" for k in RATE_KEYS)]
     rows = []
     for config in configs:
@@ -180,6 +181,14 @@ def seed_table(configs: Sequence[Config]) -> list[str]:
             cells = [mean_sd(series[(model, k)], signed) for k in RATE_KEYS]
             rows.append([*first, model, *cells])
     lines = _table(header, rows)
+    for config in configs:
+        gains = [run.train["reward_change"] for run in config.runs if "reward_change" in run.train]
+        if gains and len(gains) == len(config.runs):
+            sd = f"{statistics.stdev(gains):.3f}" if len(gains) > 1 else "n/a"
+            lines.append(
+                f"{config.label}: reward gain in training (mean reward, last − first quarter of "
+                f"the steps) {statistics.fmean(gains):+.3f} ± {sd} ({len(gains)})"
+            )
     for config in configs:
         if config.duplicates:
             names = ", ".join(run.name for run in config.duplicates)

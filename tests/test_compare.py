@@ -4,6 +4,7 @@ McNemar test and bootstrap on hand-made predictions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from argparse import Namespace
@@ -172,6 +173,15 @@ def test_seed_series_mean_and_sd():
     assert f"+{100 * mean:.1f} ± {100 * sd:.1f} pp (3)" in lines
     assert f"50.0 ± {100 * statistics.stdev([0.2, 0.4, 0.9]):.1f} (3)" in lines
     assert compare.mean_sd([0.5]) == "50.0 ± n/a (1)"
+    assert "reward gain" not in lines  # no run has a train summary
+    gains = (0.1, 0.2, 0.6)
+    config.runs = [
+        dataclasses.replace(run, train={"reward_change": gain})
+        for run, gain in zip(config.runs, gains, strict=True)
+    ]
+    lines = "\n".join(compare.seed_table([config]))
+    assert "c: reward gain in training (mean reward, last − first quarter" in lines
+    assert f"of the steps) +0.300 ± {statistics.stdev(gains):.3f} (3)" in lines
 
 
 # --- paired tests ---------------------------------------------------------------------------
