@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from grpo.batches import PromptSampler, micro_batches
@@ -15,6 +17,20 @@ def test_prompt_sampler_is_seeded_and_restorable():
     c = PromptSampler(5, seed=1)
     c.load_state(a.state())
     assert c.next(6) == a.next(6)
+
+
+def test_prompt_sampler_epochs_are_seeded_permutations_in_turn():
+    """Epoch e is the permutation of Random(seed * 1_000_003 + e), the order a resumed run
+    replays: the first epoch starts at 0, each next one at position 0 of the next epoch."""
+    sampler = PromptSampler(4, seed=3)
+    expected = []
+    for epoch in range(3):
+        order = list(range(4))
+        random.Random(3 * 1_000_003 + epoch).shuffle(order)
+        expected += order
+    assert sampler.next(11) == expected[:11]
+    assert sampler.state() == {"epoch": 2, "position": 3}
+    assert sampler.next(1) == expected[11:]
 
 
 @pytest.mark.parametrize(
