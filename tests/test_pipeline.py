@@ -296,19 +296,25 @@ def test_run_that_saves_no_checkpoint_still_leaves_the_checkpoint_folder(workspa
         run(workspace, "dvc", "repro")  # the workspace's outputs back to the fixture's params
 
 
+def run_queue(workspace, timeout: float) -> str:
+    """`dvc queue start`, then wait until no experiment is queued or running; the final
+    `dvc queue status`."""
+    run(workspace, "dvc", "queue", "start")
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(workspace, "dvc", "queue", "status")
+        if not any(s in status for s in ("Queued", "Running")):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+
+
 def test_queued_experiments_both_succeed(workspace):
     """`dvc exp run --queue` runs each experiment in a fresh copy of the repo, where the
     persist output `models/grpo-checkpoints` starts out missing."""
     run(workspace, "dvc", "exp", "run", "--queue", "-S", "train.learning_rate=2e-06")
     run(workspace, "dvc", "exp", "run", "--queue", "-S", "train.num_steps=1")
-    run(workspace, "dvc", "queue", "start")
-    deadline = time.monotonic() + 600
-    while True:
-        status = run(workspace, "dvc", "queue", "status")
-        if not any(s in status for s in ("Queued", "Running")):
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
+    status = run_queue(workspace, timeout=600)
     lines = [line for line in status.splitlines() if "Success" in line or "Failed" in line]
     assert len(lines) == 2 and all("Success" in line for line in lines), status
 

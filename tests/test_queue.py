@@ -7,10 +7,9 @@ the paired test), `dvc exp show` narrowed to the headline, `dvc metrics show`, a
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
-from test_pipeline import run, workspace  # noqa: F401 (a module-scoped `dvc repro`-ed repo copy)
+from test_pipeline import run, run_queue, workspace  # noqa: F401 (a module-scoped `dvc repro`-ed repo copy)
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +22,7 @@ PLOTS = {"strict_accuracy", "lenient_accuracy", "format_rate", "reward", "kl", "
 @pytest.fixture(scope="module")
 def swept(workspace):  # noqa: F811 (the fixture imported above)
     run(workspace, "dvc", "exp", "run", "--queue", *GRID)
-    run(workspace, "dvc", "queue", "start")
-    deadline = time.monotonic() + 900
-    while True:
-        status = run(workspace, "dvc", "queue", "status")
-        if not any(s in status for s in ("Queued", "Running")):
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
+    status = run_queue(workspace, timeout=900)
     done = [line for line in status.splitlines() if "Success" in line or "Failed" in line]
     assert len(done) == 4 and all("Success" in line for line in done), status
     return workspace
